@@ -1,0 +1,184 @@
+"""Qwen3 dense decoder on Megatron-Core, built from a Hugging Face `config.json`.
+
+Qwen3 = GQA attention with per-head RMSNorm on q and k, SwiGLU MLP, RoPE, RMSNorm, no biases,
+optionally tied input/output embeddings. Everything maps onto Megatron-Core's GPTModel; the only
+choice made here is the layer spec: Transformer Engine when it imports (GPU clusters), the local
+Megatron-Core spec otherwise (CPU, or GPU without TE).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rlsd.platform import Platform
+
+ARCHITECTURE = "Qwen3ForCausalLM"
+
+
+@dataclass(frozen=True)
+class Qwen3Shape:
+    """The architecture hyperparameters read from an HF Qwen3 config."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    initializer_range: float = 0.02
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> Qwen3Shape:
+        # transformers 5 nests rope settings under `rope_parameters`; older configs have rope_theta.
+        rope = cfg.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise ValueError(f"rope_type {rope_type!r} is not supported for Qwen3 (only default RoPE)")
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        if cfg.get("use_sliding_window"):
+            raise ValueError("use_sliding_window=true is not supported: Qwen3 dense checkpoints use full attention")
+        heads = cfg["num_attention_heads"]
+        return cls(
+            num_layers=cfg["num_hidden_layers"],
+            hidden_size=cfg["hidden_size"],
+            num_attention_heads=heads,
+            num_key_value_heads=cfg.get("num_key_value_heads", heads),
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            intermediate_size=cfg["intermediate_size"],
+            vocab_size=cfg["vocab_size"],
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            max_position_embeddings=cfg.get("max_position_embeddings", 40960),
+            initializer_range=cfg.get("initializer_range", 0.02),
+        )
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        """Raise ValueError naming the fix when TP/PP cannot split this model."""
+        if self.num_key_value_heads % tp:
+            raise ValueError(
+                f"tensor parallel size {tp} does not divide num_key_value_heads="
+                f"{self.num_key_value_heads}; pick TP from the divisors of {self.num_key_value_heads}"
+            )
+        if self.num_attention_heads % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide num_attention_heads={self.num_attention_heads}")
+        if self.vocab_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide vocab_size={self.vocab_size}")
+        if self.intermediate_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide intermediate_size={self.intermediate_size}")
+        if self.num_layers % pp:
+            raise ValueError(
+                f"pipeline parallel size {pp} does not divide num_hidden_layers={self.num_layers}; "
+                f"pick PP from the divisors of {self.num_layers}"
+            )
+
+
+def load_hf_config(hf_dir: str | Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: --hf-dir must be a Hugging Face model folder with config.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def layer_spec(use_te: bool):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def transformer_config(
+    shape: Qwen3Shape,
+    platform: Platform,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    init_weights: bool = True,
+):
+    """Megatron TransformerConfig for Qwen3; fused kernels only where CUDA provides them."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = not platform.is_cpu
+    return TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_key_value_heads,
+        kv_channels=shape.head_dim,
+        ffn_hidden_size=shape.intermediate_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=shape.rms_norm_eps,
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=shape.initializer_range,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=False,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=platform.is_cpu,
+        perform_initialization=init_weights,
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+
+
+def build_model(
+    shape: Qwen3Shape,
+    config,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    use_te: bool,
+    vp_stage: int | None = None,
+):
+    """One pipeline stage of Qwen3 as a Megatron GPTModel (logits stay vocab-parallel)."""
+    from megatron.core.models.gpt import GPTModel
+
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(use_te),
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=shape.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(shape.rope_theta),
+        vp_stage=vp_stage,
+    )

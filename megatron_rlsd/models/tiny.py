@@ -1,0 +1,410 @@
+"""Build a tiny, fully local Qwen3 checkpoint for tests and smoke runs.
+
+The checkpoint written by :func:`build_tiny_qwen3` is a regular Hugging Face
+folder (``config.json``, ``generation_config.json``, ``model.safetensors``,
+``tokenizer.json``, ``tokenizer_config.json``, chat template) that
+``transformers`` loads with ``from_pretrained`` and vLLM can serve, without any
+network access.
+
+* Tokenizer: byte-level BPE trained on the fly with the ``tokenizers`` library
+  (Qwen2/3 style pre-tokenization: digits are split one per token), with the
+  Qwen special tokens ``<|endoftext|>`` (pad/bos), ``<|im_start|>`` and
+  ``<|im_end|>`` (eos) at ids 0, 1, 2 and a Qwen-like ChatML chat template.
+* Model: ``Qwen3ForCausalLM`` with random weights drawn from a private
+  ``torch.Generator`` seeded with ``seed`` (global RNG state is untouched), so
+  the same arguments give bit-identical safetensors.
+* ``config.vocab_size`` is the tokenizer length padded up to a multiple of 128
+  (Megatron needs the vocabulary to divide by the tensor-parallel size).  The
+  padding rows of the embedding / LM head are zero, so a random model almost
+  never samples an id the tokenizer cannot decode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable, Sequence
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "SPECIAL_TOKENS",
+    "SUPPORTED_HEAD_DIMS",
+    "VOCAB_MULTIPLE",
+    "build_tiny_qwen3",
+    "build_tiny_tokenizer",
+    "default_corpus",
+    "summarize_checkpoint",
+]
+
+# Special tokens, in id order (0, 1, 2).
+PAD_TOKEN = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+SPECIAL_TOKENS = (PAD_TOKEN, IM_START, IM_END)
+
+# The Megatron side requires vocab_size % (tensor-parallel size) == 0; 128
+# covers every TP size we use.
+VOCAB_MULTIPLE = 128
+
+# Head sizes supported by vLLM's CPU attention backend (and fine on GPU).
+SUPPORTED_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+# Target size of the trained BPE vocabulary (bytes + merges + specials); a
+# small corpus may stop earlier.  Kept below 1024 so the default build has
+# some padding rows.
+_BPE_VOCAB_TARGET = 1000
+
+# Qwen2 / Qwen3 pre-tokenizer split pattern (single digits, words with an
+# optional leading non-letter, punctuation runs, newlines, spaces).
+_QWEN_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# ChatML template, as used by Qwen: <|im_start|>{role}\n{content}<|im_end|>\n
+# Content may be a string or a list of {"type": "text", "text": ...} parts.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+def default_corpus() -> list[str]:
+    """Deterministic built-in training text for the tiny tokenizer.
+
+    Covers what the synthetic RL tasks print: digits and arithmetic, task
+    instructions, answer/thought tags, ``\\boxed{}``, reference solutions and
+    ChatML role names.
+    """
+    phrases = [
+        "You are a helpful assistant.",
+        "Solve the following problem. Put your final answer inside <answer> and </answer> tags.",
+        "Solve the following arithmetic problem step by step.",
+        "Think step by step inside <thought> and </thought>, then give the answer in <answer></answer>.",
+        "Put the final answer in \\boxed{}.",
+        "Here is a reference solution to the problem.",
+        "Use the reference solution to check your answer.",
+        "The reference solution is correct.",
+        "The answer is correct. The answer is incorrect.",
+        "Question: What is the value of the expression?",
+        "Answer: the final answer is shown below.",
+        "Let's think step by step.",
+        "First, compute the product. Then add the remaining numbers.",
+        "Compute the sum, the difference, the product and the quotient.",
+        "Evaluate the expression and simplify the result.",
+        "Count the number of items in the list.",
+        "Sort the numbers in increasing order.",
+        "Reverse the sequence of digits.",
+        "Find the maximum and the minimum of the numbers.",
+        "Is the number even or odd? Is it prime?",
+        "Reward: 1.0 Reward: 0.0 score format accuracy",
+        "user assistant system tool",
+        "The quick brown fox jumps over the lazy dog.",
+        "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG!",
+        "a b c d e f g h i j k l m n o p q r s t u v w x y z",
+        "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z",
+        "0 1 2 3 4 5 6 7 8 9 10 100 1000 -1 -5 3.5 0.25 1/2",
+        "+ - * / = ( ) [ ] { } < > , . : ; ! ? ' \" # % & ^ _ | ~ ` @ $ \\",
+        "\\boxed{0} \\boxed{1} \\boxed{42} \\frac{1}{2} \\times \\div",
+        "<answer>0</answer> <answer>1</answer> <thought></thought>",
+        "Therefore, the answer is <answer>7</answer>.",
+        "So the final answer is \\boxed{12}.",
+    ]
+    texts: list[str] = []
+    for _ in range(3):
+        texts.extend(phrases)
+    ops = ["+", "-", "*", "/"]
+    for i in range(240):
+        a = (i * 37 + 5) % 100
+        b = (i * 53 + 11) % 50 + 1
+        c = (i * 29 + 3) % 20 + 1
+        op = ops[i % 4]
+        if op == "+":
+            res = a + b
+        elif op == "-":
+            res = a - b
+        elif op == "*":
+            res = a * b
+        else:
+            a = a * b  # exact division
+            res = a // b
+        kind = i % 6
+        if kind == 0:
+            texts.append(f"Solve {a}{op}{b}. <answer>{res}</answer>")
+        elif kind == 1:
+            texts.append(
+                f"Solve the problem: {a} {op} {b} = ?\n"
+                f"<thought>We compute {a} {op} {b} = {res}.</thought>\n<answer>{res}</answer>"
+            )
+        elif kind == 2:
+            val = (a + b) * c
+            texts.append(
+                f"Compute ({a} + {b}) * {c}.\nReference solution: ({a} + {b}) * {c} = "
+                f"{a + b} * {c} = {val}. The answer is \\boxed{{{val}}}."
+            )
+        elif kind == 3:
+            texts.append(
+                f"What is {a} {op} {b}? Give the answer in <answer></answer> tags.\n"
+                f"The answer is <answer>{res}</answer>."
+            )
+        elif kind == 4:
+            texts.append(
+                f"user\nSolve {a}{op}{b}-{c}. Put your final answer in \\boxed{{}}.\n"
+                f"assistant\n<thought>{a}{op}{b}={res}, {res}-{c}={res - c}</thought>\n"
+                f"\\boxed{{{res - c}}}"
+            )
+        else:
+            texts.append(
+                f"Here is a reference solution: {a} {op} {b} = {res}. "
+                f"Check the answer {res} against the reference solution."
+            )
+    return texts
+
+
+def build_tiny_tokenizer(corpus: Iterable[str] | None = None):
+    """Train a deterministic byte-level BPE tokenizer and wrap it for HF.
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` with the Qwen special
+    tokens at ids 0 (``<|endoftext|>``), 1 (``<|im_start|>``) and 2
+    (``<|im_end|>``) and the ChatML chat template.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if corpus is None:
+        texts = default_corpus()
+    else:
+        if isinstance(corpus, (str, bytes)):
+            raise ValueError("corpus must be a list of strings, not a single string")
+        texts = list(corpus)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise ValueError("corpus must be a non-empty list of strings")
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_BPE_VOCAB_TARGET,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    for i, t in enumerate(SPECIAL_TOKENS):
+        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token=IM_END,
+        pad_token=PAD_TOKEN,
+        unk_token=None,
+        model_max_length=131072,
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = CHAT_TEMPLATE
+    return hf_tok
+
+
+def _validate(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size):
+    for name, val in (
+        ("num_layers", num_layers),
+        ("hidden_size", hidden_size),
+        ("num_heads", num_heads),
+        ("num_kv_heads", num_kv_heads),
+        ("head_dim", head_dim),
+        ("intermediate_size", intermediate_size),
+    ):
+        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+            raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim={head_dim} is not supported (vLLM CPU attention supports "
+            f"head_dim in {list(SUPPORTED_HEAD_DIMS)})"
+        )
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(
+            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+        )
+
+
+def _padded_vocab(tokenizer_len: int, vocab_size: int | None) -> int:
+    if vocab_size is None:
+        return -(-tokenizer_len // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise ValueError(f"vocab_size must be an int, got {vocab_size!r}")
+    if vocab_size < tokenizer_len:
+        raise ValueError(
+            f"vocab_size={vocab_size} is smaller than the tokenizer length ({tokenizer_len})"
+        )
+    if vocab_size % VOCAB_MULTIPLE != 0:
+        raise ValueError(f"vocab_size={vocab_size} must be a multiple of {VOCAB_MULTIPLE}")
+    return vocab_size
+
+
+def build_tiny_qwen3(
+    out_dir: str | os.PathLike,
+    *,
+    tie_word_embeddings: bool = False,
+    num_layers: int = 4,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    intermediate_size: int = 256,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    corpus: Sequence[str] | None = None,
+) -> pathlib.Path:
+    """Write a tiny random Qwen3 HF checkpoint (model + tokenizer) to ``out_dir``.
+
+    Same arguments -> bit-identical files.  Raises ``ValueError`` on bad
+    shapes, an unsupported ``head_dim`` or a bad explicit ``vocab_size``.
+    Returns ``out_dir`` as a :class:`pathlib.Path`.
+    """
+    _validate(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_tiny_tokenizer(corpus)
+    tok_len = len(tokenizer)
+    padded_vocab = _padded_vocab(tok_len, vocab_size)
+    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
+    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
+
+    config = Qwen3Config(
+        architectures=["Qwen3ForCausalLM"],
+        vocab_size=padded_vocab,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        initializer_range=0.02,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        attention_bias=False,
+        attention_dropout=0.0,
+        use_sliding_window=False,
+        tie_word_embeddings=bool(tie_word_embeddings),
+        use_cache=True,
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype="float32",
+    )
+
+    # Construct under a forked RNG so the caller's global torch RNG is left
+    # alone; the weights are then overwritten from a private generator, which
+    # makes the result independent of transformers' own init scheme.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(config)
+    model = model.to(torch.float32).eval()
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    std = config.initializer_range
+    with torch.no_grad():
+        params = dict(model.named_parameters())  # tied weights appear once
+        for name in sorted(params):
+            p = params[name]
+            if p.dim() == 1:  # RMSNorm weights (Qwen3 has no biases)
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        # Rows past the tokenizer are never fed in; zero them so the random
+        # model (logit 0 vs. random logits) essentially never emits them.
+        if padded_vocab > tok_len:
+            model.get_input_embeddings().weight[tok_len:].zero_()
+            model.get_output_embeddings().weight[tok_len:].zero_()
+    if tie_word_embeddings:
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        do_sample=False,
+    )
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    _make_tokenizer_config_portable(out / "tokenizer_config.json")
+    return out
+
+
+def _make_tokenizer_config_portable(path: pathlib.Path) -> None:
+    # transformers 5 records its internal class name ("TokenizersBackend"),
+    # which transformers 4.x cannot resolve; "PreTrainedTokenizerFast" loads
+    # tokenizer.json in both major versions (v5 aliases it).  <|im_start|> is
+    # listed as an additional special token like Qwen does (v5 maps the key
+    # to extra_special_tokens, v4 reads it as is).
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("extra_special_tokens", None)
+    cfg["additional_special_tokens"] = [IM_START]
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def summarize_checkpoint(path: str | os.PathLike) -> dict:
+    """Cheap summary of a checkpoint folder (no model instantiation).
+
+    Returns ``{"path", "params", "vocab_size", "tokenizer_len", "tied"}``;
+    ``params`` counts unique stored tensors' elements (a tied LM head is
+    counted once).
+    """
+    from safetensors import safe_open
+
+    path = pathlib.Path(path)
+    cfg = json.loads((path / "config.json").read_text())
+    n_params = 0
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                n = 1
+                for d in sf.get_slice(k).get_shape():
+                    n *= d
+                n_params += n
+    tok_len = None
+    tok_file = path / "tokenizer.json"
+    if tok_file.exists():
+        from tokenizers import Tokenizer
+
+        tok_len = Tokenizer.from_file(str(tok_file)).get_vocab_size(with_added_tokens=True)
+    return {
+        "path": str(path),
+        "params": n_params,
+        "vocab_size": cfg["vocab_size"],
+        "tokenizer_len": tok_len,
+        "tied": bool(cfg.get("tie_word_embeddings", False)),
+    }

