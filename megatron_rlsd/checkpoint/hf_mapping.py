@@ -43,6 +43,16 @@ QKV_HF = ("model.layers.{}.self_attn.q_proj.weight", "model.layers.{}.self_attn.
           "model.layers.{}.self_attn.v_proj.weight")  # fmt: skip
 FC1_HF = ("model.layers.{}.mlp.gate_proj.weight", "model.layers.{}.mlp.up_proj.weight")
 
+# Dimension along which Megatron splits each tensor over TP ranks (absent: replicated).
+TP_SPLIT_DIM: dict[str, int] = {
+    "embedding.word_embeddings.weight": 0,
+    "output_layer.weight": 0,
+    QKV: 0,
+    FC1: 0,
+    "decoder.layers.{}.self_attention.linear_proj.weight": 1,
+    "decoder.layers.{}.mlp.linear_fc2.weight": 1,
+}
+
 # The local (non-TE) spec names its layer norms as modules; TE folds them into the linears.
 LOCAL_TO_CANONICAL = {
     ".input_layernorm.weight": ".self_attention.linear_qkv.layer_norm_weight",
@@ -182,3 +192,14 @@ def canonical_names(num_layers: int, tie_word_embeddings: bool) -> list[str]:
     if not tie_word_embeddings:
         names.append("output_layer.weight")
     return names
+
+
+def tp_shard(full: torch.Tensor, canonical: str, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """This TP rank's slice of a full canonical tensor (inverse of gathering the shards)."""
+    template, _ = split_layer(canonical)
+    if tp_size == 1 or template not in TP_SPLIT_DIM:
+        return full
+    if template == FC1:  # [gate; up] -> [gate_r; up_r]
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+    return full.chunk(tp_size, dim=TP_SPLIT_DIM[template])[tp_rank]

@@ -1,0 +1,526 @@
+"""Loss terms of the loss modes: clipped policy surrogate and self-distillation divergences.
+
+Loss modes (:data:`LOSS_MODES`), DESIGN.md "The algorithm":
+
+* ``rlsd``: :func:`policy_loss` with the RLSD token advantages
+  (:func:`megatron_rlsd.algorithms.rlsd.rlsd_token_advantages`).
+* ``grpo``: :func:`policy_loss` with the sequence advantage broadcast to tokens.
+* ``opsd``: :func:`opsd_token_divergence` (full-vocabulary ``D(P_T || P_S)``)
+  aggregated with :func:`aggregate`.
+* ``grpo_opsd``: ``alpha * L_opsd + L_grpo``, composed by the trainer.
+* ``sdpo``: :func:`sdpo_token_divergence` (top-k + tail JSD) aggregated with
+  :func:`aggregate`; rows without a successful sibling masked by the trainer.
+
+Every per-token quantity is ``[B, T]`` over response positions with a ``mask``
+of valid (response, non-padding) tokens.  Losses are reduced by
+:func:`aggregate` against a GLOBAL denominator so that micro-batch losses add up
+to the global-batch mean (see its docstring for the contract).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from megatron_rlsd.algorithms.vocab_parallel import (
+    _NEG_FLOOR,
+    DEFAULT_CHUNK_SIZE,
+    _all_reduce,
+    _check_chunk_size,
+    _check_temperature,
+    _chunks,
+    _group_info,
+    _local_target,
+    _log_softmax_chunk,
+    _rows,
+    _scaled,
+    vocab_parallel_generalized_jsd,
+    vocab_parallel_kl,
+)
+
+__all__ = [
+    "LOSS_MODES",
+    "AGG_MODES",
+    "OPSD_DIVERGENCES",
+    "validate_loss_mode",
+    "aggregate",
+    "policy_loss",
+    "truncated_is_weights",
+    "opsd_token_divergence",
+    "sdpo_token_divergence",
+]
+
+LOSS_MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo")
+AGG_MODES = ("token_mean", "seq_mean_token_mean")
+OPSD_DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
+
+# log(ratio) is clamped to +-this before exp (as EasyR1 / verl) so that a
+# diverged token cannot overflow the ratio; such a token is clipped anyway.
+_MAX_LOG_RATIO = 20.0
+# Floor of the SDPO tail-bucket log-probability: lasgroup/SDPO clamps the
+# top-k log-mass at <= -1e-7, i.e. the tail at >= 1 - exp(-1e-7) ~ 1e-7.
+_TAIL_FLOOR = math.log(-math.expm1(-1e-7))
+
+
+def validate_loss_mode(name: str) -> str:
+    """Return ``name`` if it is one of :data:`LOSS_MODES`, else raise ``ValueError``."""
+    if name not in LOSS_MODES:
+        raise ValueError(f"unknown loss mode {name!r}; choose one of {', '.join(LOSS_MODES)}")
+    return name
+
+
+# --------------------------------------------------------------------------- #
+# aggregation
+# --------------------------------------------------------------------------- #
+def _check_denominator(denominator):
+    """A positive finite float; a 1-element tensor is passed through unchecked
+    (reading its value would synchronise with the device)."""
+    if isinstance(denominator, torch.Tensor):
+        if denominator.numel() != 1:
+            raise ValueError(f"denominator must be a scalar, got shape {tuple(denominator.shape)}")
+        return denominator.reshape(())
+    if isinstance(denominator, bool) or not isinstance(denominator, numbers.Real):
+        raise ValueError(f"denominator must be a positive number, got {denominator!r}")
+    d = float(denominator)
+    if not (d > 0.0) or not math.isfinite(d):
+        raise ValueError(
+            f"denominator must be a finite number > 0 (the global count of valid tokens or sequences), "
+            f"got {denominator!r}"
+        )
+    return d
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, denominator) -> torch.Tensor:
+    """Reduce a ``[B, T]`` per-token loss of ONE micro-batch to its share of a global mean.
+
+    Contract: ``denominator`` is a GLOBAL count over the whole optimizer step,
+    i.e. over all micro-batches of all data-parallel ranks, so that the SUM of
+    the values returned for every micro-batch on every DP rank is the mean over
+    the global batch:
+
+    * ``"token_mean"``: ``sum(per_token * mask) / denominator`` with
+      ``denominator`` = global number of valid tokens (DAPO-style token mean,
+      the authors' ``loss_avg_mode="token"``).
+    * ``"seq_mean_token_mean"``: ``sum_b [ sum_t per_token*mask / sum_t mask ] /
+      denominator`` with ``denominator`` = global number of sequences that have
+      at least one valid token (the paper's ``1/G sum_i 1/|y_i| sum_t``).
+      A sequence with no valid token contributes 0.
+
+    The caller therefore must not average again: Megatron's division of the
+    loss by the number of micro-batches and a data-parallel gradient AVERAGE
+    both have to be undone (multiply by ``num_microbatches`` / the DP size) or
+    disabled, so that gradients are summed.
+
+    Masked positions are excluded with ``where`` (not a product), so NaN / inf
+    values there affect neither the value nor the gradient.
+
+    ``denominator`` is a positive float (or a 1-element tensor, used as is).
+
+    Returns:
+        fp32 (or wider) scalar tensor, differentiable w.r.t. ``per_token``.
+    """
+    if not isinstance(per_token, torch.Tensor) or per_token.dim() != 2:
+        raise ValueError("per_token must be a [B, T] tensor")
+    if not isinstance(mask, torch.Tensor) or mask.shape != per_token.shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have the shape of per_token {tuple(per_token.shape)}, got {got}")
+    if mode not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {', '.join(AGG_MODES)}")
+    d = _check_denominator(denominator)
+    valid = mask.bool()
+    x = per_token if per_token.dtype in (torch.float32, torch.float64) else per_token.float()
+    x = torch.where(valid, x, torch.zeros_like(x))
+    if isinstance(d, torch.Tensor):
+        d = d.to(device=x.device, dtype=x.dtype)
+    if mode == "token_mean":
+        return x.sum() / d
+    n_tok = valid.sum(dim=1).clamp(min=1).to(x.dtype)
+    return (x.sum(dim=1) / n_tok).sum() / d
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    x = torch.where(valid, x, torch.zeros_like(x))
+    return x.sum() / valid.sum().clamp(min=1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------- #
+# clipped policy surrogate
+# --------------------------------------------------------------------------- #
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    token_adv: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    eps_low: float = 0.2,
+    eps_high: float = 0.28,
+    dual_clip: Optional[float] = 3.0,
+    agg: str = "token_mean",
+    denominator,
+    is_weights: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """PPO clipped surrogate with token advantages (DESIGN.md step 5).
+
+    Per valid token, with ``rho = exp(logp - old_logp)`` and ``A = token_adv``::
+
+        pg = -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)
+        pg = min(pg, -dual_clip * A)      where A < 0   (dual clip, if not None)
+        pg = pg * is_weights              (if given; detached)
+
+    then ``loss = aggregate(pg, mask, agg, denominator)`` (see :func:`aggregate`
+    for the global-denominator contract).  ``log(rho)`` is clamped to +-20
+    before ``exp`` as in EasyR1 / verl.
+
+    Args:
+        logp: ``[B, T]`` current-policy log-probs (carries the gradient).
+        old_logp: ``[B, T]`` behaviour-policy log-probs (detached inside).
+        token_adv: ``[B, T]`` token advantages, or ``[B]`` broadcast over
+            tokens (GRPO); detached inside.
+        mask: ``[B, T]`` valid-token mask.
+        eps_low, eps_high: ratio clip range ``[1 - eps_low, 1 + eps_high]``.
+        dual_clip: ``c > 1`` bounding the loss of negative-advantage tokens by
+            ``-c * A`` (the authors' ``clip_ratio_dual=3.0``); ``None`` disables it.
+        agg: ``"token_mean"`` or ``"seq_mean_token_mean"``.
+        denominator: global token (or sequence) count, see :func:`aggregate`.
+        is_weights: optional ``[B, T]`` truncated importance-sampling weights
+            (:func:`truncated_is_weights`) multiplying the per-token loss.
+
+    Returns:
+        ``(loss, metrics)``: the scalar loss and detached scalar metrics, each
+        a masked mean over this call's valid tokens:
+        ``clip_frac`` (the clipped branch was taken, i.e. the ratio clip was
+        active), ``dual_clip_frac`` (the dual clip was active; 0 when disabled),
+        ``approx_kl`` (mean of ``old_logp - logp``).
+    """
+    for name, t in (("logp", logp), ("old_logp", old_logp), ("token_adv", token_adv)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must have shape [B, T], got {tuple(logp.shape)}")
+    if old_logp.shape != logp.shape:
+        raise ValueError(f"old_logp shape {tuple(old_logp.shape)} != logp shape {tuple(logp.shape)}")
+    if token_adv.shape == logp.shape[:1]:
+        token_adv = token_adv.unsqueeze(1).expand_as(logp)
+    if token_adv.shape != logp.shape:
+        raise ValueError(
+            f"token_adv must have shape [B, T] = {tuple(logp.shape)} or [B] = {tuple(logp.shape[:1])}, "
+            f"got {tuple(token_adv.shape)}"
+        )
+    if not isinstance(mask, torch.Tensor) or mask.shape != logp.shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"mask must have shape {tuple(logp.shape)}, got {got}")
+    if is_weights is not None and (not isinstance(is_weights, torch.Tensor) or is_weights.shape != logp.shape):
+        raise ValueError(f"is_weights must have shape {tuple(logp.shape)}")
+    if isinstance(eps_low, bool) or not isinstance(eps_low, numbers.Real) or not (0.0 <= eps_low < 1.0):
+        raise ValueError(f"eps_low must lie in [0, 1), got {eps_low!r}")
+    if isinstance(eps_high, bool) or not isinstance(eps_high, numbers.Real) or not (0.0 <= eps_high < math.inf):
+        raise ValueError(f"eps_high must be a finite number >= 0, got {eps_high!r}")
+    if dual_clip is not None and (
+        isinstance(dual_clip, bool) or not isinstance(dual_clip, numbers.Real) or not (1.0 < dual_clip < math.inf)
+    ):
+        raise ValueError(f"dual_clip must be a finite number > 1 or None, got {dual_clip!r}")
+    if agg not in AGG_MODES:
+        raise ValueError(f"unknown aggregation mode {agg!r}; choose one of {', '.join(AGG_MODES)}")
+    _check_denominator(denominator)
+
+    valid = mask.bool()
+    dtype = torch.promote_types(logp.dtype, torch.float32)
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    # Masked positions get ratio 1 and A = 0, so garbage there (e.g. NaN
+    # log-probs of padding) reaches neither the loss nor the gradient.
+    adv = torch.where(valid, token_adv.detach().to(dtype), zero)
+    log_ratio = torch.where(valid, logp.to(dtype) - old_logp.detach().to(dtype), zero)
+    ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO).exp()
+
+    pg_unclipped = -adv * ratio
+    pg_clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    clipped = pg_clipped > pg_unclipped  # -min(rA, clip(r)A) took the clipped branch
+    pg = torch.where(clipped, pg_clipped, pg_unclipped)
+    if dual_clip is not None:
+        bound = -float(dual_clip) * adv
+        dual = (adv < 0) & (pg > bound)
+        pg = torch.where(dual, bound, pg)
+    else:
+        dual = torch.zeros_like(clipped)
+    if is_weights is not None:
+        pg = pg * torch.where(valid, is_weights.detach().to(dtype), zero)
+
+    loss = aggregate(pg, valid, agg, denominator)
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": _masked_mean(clipped.to(dtype), valid),
+            "dual_clip_frac": _masked_mean(dual.to(dtype), valid),
+            "approx_kl": _masked_mean(-log_ratio.detach(), valid),
+        }
+    return loss, metrics
+
+
+def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance-sampling weights ``min(exp(old_logp - rollout_logp), cap)``.
+
+    Corrects the mismatch between the rollout engine's sampling distribution
+    (``rollout_logp``, e.g. vLLM) and the trainer's recomputation of the same
+    policy (``old_logp``).  Detached; same shape as the inputs.
+    """
+    if not isinstance(old_logp, torch.Tensor) or not isinstance(rollout_logp, torch.Tensor):
+        raise ValueError("old_logp and rollout_logp must be tensors")
+    if old_logp.shape != rollout_logp.shape:
+        raise ValueError(f"old_logp shape {tuple(old_logp.shape)} != rollout_logp shape {tuple(rollout_logp.shape)}")
+    if isinstance(cap, bool) or not isinstance(cap, numbers.Real) or not (0.0 < cap < math.inf):
+        raise ValueError(f"cap must be a finite number > 0, got {cap!r}")
+    with torch.no_grad():
+        diff = old_logp.detach().float() - rollout_logp.detach().float()
+        # clamp in log space first: same result, never overflows
+        return diff.clamp(max=math.log(cap)).exp()
+
+
+# --------------------------------------------------------------------------- #
+# self-distillation divergences
+# --------------------------------------------------------------------------- #
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not (0.0 <= float(beta) <= 1.0):
+        raise ValueError(f"beta must be a real number in [0, 1], got {beta!r}")
+    return float(beta)
+
+
+def opsd_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    divergence: str = "jsd",
+    beta: float = 0.5,
+    tp_group=None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Per-token ``D(P_T || P_S)`` over the full (vocab-parallel) vocabulary (OPSD).
+
+    Args:
+        student_logits: ``[..., V_local]`` vocab-sharded student logits (gradient flows here).
+        teacher_logits: same shape, the teacher (privileged-context) logits;
+            detached inside.
+        divergence: ``"jsd"``: generalized JSD with ``beta``
+            (``beta * KL(P_T||M) + (1-beta) * KL(P_S||M)``, ``M = beta P_T + (1-beta) P_S``;
+            beta 0 / 1 give forward / reverse KL); ``"forward_kl"``:
+            ``KL(P_T || P_S)``; ``"reverse_kl"``: ``KL(P_S || P_T)``.
+        beta: JSD interpolation weight (only for ``"jsd"``).
+        tp_group: tensor-parallel group the vocabulary is sharded over (``None``: full vocab).
+        temperature: softmax temperature for both distributions.
+        chunk_size: token rows per chunk (bounds fp32 temporaries).
+
+    Returns:
+        ``[...]`` fp32 per-token divergence in nats, replicated on all TP ranks.
+    """
+    if divergence not in OPSD_DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(OPSD_DIVERGENCES)}")
+    teacher = teacher_logits.detach() if isinstance(teacher_logits, torch.Tensor) else teacher_logits
+    if divergence == "jsd":
+        beta = _check_beta(beta)
+        return vocab_parallel_generalized_jsd(teacher, student_logits, beta, tp_group, temperature, chunk_size)
+    if divergence == "forward_kl":
+        return vocab_parallel_kl(teacher, student_logits, tp_group, temperature, chunk_size)
+    return vocab_parallel_kl(student_logits, teacher, tp_group, temperature, chunk_size)
+
+
+class _TopkTailLogprobFn(torch.autograd.Function):
+    """``(log P(ids) [N, k], log P(tail) [N])`` of ``softmax(logits / T)`` at GLOBAL ids.
+
+    ``tail`` is every token outside ``ids``; its mass is summed DIRECTLY over
+    those tokens (no ``1 - sum_k p`` cancellation, so a small tail keeps its
+    fp32 relative accuracy).  One chunked pass over the local vocabulary and
+    two all-reduces per chunk (max; sum-exp, tail sum-exp and the id logits
+    together); backward recomputes the softmax chunk by chunk and needs no
+    communication (outputs are replicated on all TP ranks).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, tp_group, temperature, chunk_size, want_tail):
+        ctx.set_materialize_grads(False)
+        world, rank = _group_info(tp_group)
+        x = _rows(logits)
+        n, v_local = x.shape
+        k = ids.shape[-1]
+        idr = ids.reshape(n, k)
+        dev = x.device
+        shift = torch.empty(n, dtype=torch.float32, device=dev)
+        log_s = torch.empty(n, dtype=torch.float32, device=dev)
+        lp = torch.empty(n, k, dtype=torch.float32, device=dev)
+        lt = torch.empty(n, dtype=torch.float32, device=dev) if want_tail else None
+        for a, b in _chunks(n, chunk_size):
+            z = _scaled(x[a:b], temperature)
+            m = z.amax(dim=-1)
+            _all_reduce(m, dist.ReduceOp.MAX, tp_group, world)
+            zs = (z - m.unsqueeze(-1)).clamp_(min=_NEG_FLOOR)  # fresh tensor: z may alias the input
+            del z
+            local, in_shard = _local_target(idr[a:b], rank, v_local)
+            zk = torch.where(in_shard, zs.gather(-1, local), torch.zeros((), device=dev))
+            e = zs.exp_()
+            parts = [e.sum(dim=-1, keepdim=True)]
+            if want_tail:
+                rows, cols = _in_shard_positions(local, in_shard)
+                e[rows, cols] = 0.0  # the tail is everything but the ids
+                parts.append(e.sum(dim=-1, keepdim=True))
+            del e, zs
+            red = _all_reduce(torch.cat(parts + [zk], dim=-1), dist.ReduceOp.SUM, tp_group, world)
+            ls = red[:, 0].log()
+            shift[a:b], log_s[a:b] = m, ls
+            lp[a:b] = red[:, len(parts):] - ls.unsqueeze(-1)
+            if want_tail:
+                lt[a:b] = red[:, 1].log() - ls
+        ctx.tp_group, ctx.rank = tp_group, rank
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.save_for_backward(logits, idr, shift, log_s, lt)
+        return lp.view(*ids.shape), (lt.view(ids.shape[:-1]) if want_tail else None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_lp, g_lt):
+        logits, idr, shift, log_s, lt = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (g_lp is None and g_lt is None):
+            return (None,) * 6
+        x = _rows(logits)
+        n, v_local = x.shape
+        k = idr.shape[-1]
+        dev = x.device
+        g_lp = g_lp.reshape(n, k).float() if g_lp is not None else torch.zeros(n, k, device=dev)
+        g_lt = g_lt.reshape(n).float() if g_lt is not None else torch.zeros(n, device=dev)
+        # d log P(tail) / dz_v = (p_v [v in tail] / P(tail) - p_v) / T; 0 where P(tail) == 0
+        if lt is not None:
+            tail = lt.exp()
+            coef = torch.where(tail > 0, g_lt / tail.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(tail))
+        else:
+            coef = torch.zeros(n, device=dev)
+        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for a, b in _chunks(n, ctx.chunk_size):
+            p = _log_softmax_chunk(x, a, b, ctx.temperature, shift, log_s).exp_()
+            gk, gt, c = g_lp[a:b], g_lt[a:b], coef[a:b]
+            local, in_shard = _local_target(idr[a:b], ctx.rank, v_local)
+            rows, cols = _in_shard_positions(local, in_shard)
+            rest = gk.sum(dim=-1) + gt
+            # the ids: g_j - p_j * (sum_i g_i + g_tail), written over (not added
+            # to) the tail formula so that a huge coef cannot cancel there
+            gid = gk[in_shard] - p[rows, cols] * rest.unsqueeze(-1).expand_as(gk)[in_shard]
+            g = p.mul_((c - rest).unsqueeze(-1))  # tail tokens: p * (coef - sum_i g_i - g_tail)
+            g[rows, cols] = gid
+            if ctx.temperature != 1.0:
+                g.mul_(1.0 / ctx.temperature)
+            grad[a:b] = g
+            del g, p
+        return grad.view(logits.shape), None, None, None, None, None
+
+
+def _in_shard_positions(local: torch.Tensor, in_shard: torch.Tensor):
+    """``(rows, cols)`` index vectors of the ids that live in this rank's shard."""
+    rows = torch.arange(local.shape[0], device=local.device).unsqueeze(-1).expand_as(local)
+    return rows[in_shard], local[in_shard]
+
+
+def _global_topk_ids(logits: torch.Tensor, k: int, tp_group, world: int, rank: int) -> torch.Tensor:
+    """Global ids ``[..., k]`` of the ``k`` largest logits, sorted descending (no grad).
+
+    Local top-k on every rank, all-gather of the candidates, global top-k: the
+    same ids on every rank of the TP group.
+    """
+    v_local = logits.shape[-1]
+    with torch.no_grad():
+        vals, idx = torch.topk(logits.detach(), min(k, v_local), dim=-1)
+        ids = idx + rank * v_local
+        if world == 1:
+            return ids
+        vals, ids = vals.contiguous(), ids.contiguous()
+        all_vals = [torch.empty_like(vals) for _ in range(world)]
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(all_vals, vals, group=tp_group)
+        dist.all_gather(all_ids, ids, group=tp_group)
+        top = torch.topk(torch.cat(all_vals, dim=-1), k, dim=-1).indices
+        return torch.cat(all_ids, dim=-1).gather(-1, top)
+
+
+def _generalized_jsd_small(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalized JSD (TRL convention) over the last dim of log-prob tensors."""
+    lt = lt.clamp(min=_NEG_FLOOR)
+    ls = ls.clamp(min=_NEG_FLOOR)
+    if beta == 0.0:
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if beta == 1.0:
+        return (ls.exp() * (ls - lt)).sum(-1)
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
+    kl_t = (lt.exp() * (lt - lm)).sum(-1)
+    kl_s = (ls.exp() * (ls - lm)).sum(-1)
+    return beta * kl_t + (1.0 - beta) * kl_s
+
+
+def sdpo_token_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    topk: int = 100,
+    beta: float = 0.5,
+    tp_group=None,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Per-token top-k + tail-bucket generalized JSD (SDPO, lasgroup/SDPO).
+
+    The categories are the student's global top-``k`` tokens plus one tail
+    bucket holding the remaining mass::
+
+        S = top-k ids of the student logits (global over the TP group)
+        p_j = P(j) for j in S,  p_tail = 1 - sum_{j in S} P(j)     (for P_T and P_S)
+        D = JSD_beta(P_T || P_S) over these k + 1 categories
+
+    with the TRL / SDPO convention ``beta * KL(T||M) + (1-beta) * KL(S||M)``,
+    ``M = beta T + (1-beta) S`` (beta 0: forward KL ``KL(T||S)``, 1: reverse KL).
+
+    Vocab-parallel, without gathering the vocabulary: each rank takes its
+    local top-k, the candidates are all-gathered and the global top-k chosen
+    (identically on every rank); then one chunked pass per distribution gives
+    the log-normaliser, the logits at the ids (each rank contributes the ids in
+    its shard, sum all-reduce) and the tail mass.  The tail mass is summed
+    directly over the tokens outside the top-k, which equals ``1 - sum_k p``
+    but keeps full fp32 relative accuracy when the tail is small (SDPO's
+    ``log(1 - exp(logsumexp))`` loses it to cancellation, e.g. 3e-4 nats on a
+    forward KL in the tests).  As SDPO's clamp of the top-k log-mass at
+    ``-1e-7``, the tail log-probability is floored at ``log(1 - exp(-1e-7))``
+    (~ -16.1) so that a tail that underflows cannot blow up the divergence.
+    If ``topk`` is at least the vocabulary size the whole vocabulary is used
+    and no tail bucket is added (its mass is 0): the full-vocabulary JSD.
+
+    Gradient flows through the student logits only (top-k log-probs and
+    tail); the id selection is not differentiated.
+
+    Returns:
+        ``[...]`` fp32 per-token divergence in nats, replicated on all TP ranks.
+    """
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1 or t.shape[-1] == 0:
+            raise ValueError(f"{name} must be a floating point tensor [..., V_local] with V_local > 0")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits shape {tuple(student_logits.shape)} != teacher_logits shape "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+    beta = _check_beta(beta)
+    temperature = _check_temperature(temperature)
+    chunk_size = _check_chunk_size(chunk_size)
+
+    world, rank = _group_info(tp_group)
+    teacher = teacher_logits.detach()
+    vocab = student_logits.shape[-1] * world
+    k = min(int(topk), vocab)
+    want_tail = k < vocab
+
+    ids = _global_topk_ids(student_logits, k, tp_group, world, rank)
+    ls, ls_tail = _TopkTailLogprobFn.apply(student_logits, ids, tp_group, temperature, chunk_size, want_tail)
+    lt, lt_tail = _TopkTailLogprobFn.apply(teacher, ids, tp_group, temperature, chunk_size, want_tail)
+    if want_tail:
+        ls = torch.cat([ls, ls_tail.clamp(min=_TAIL_FLOOR).unsqueeze(-1)], dim=-1)
+        lt = torch.cat([lt, lt_tail.clamp(min=_TAIL_FLOOR).unsqueeze(-1)], dim=-1)
+    return _generalized_jsd_small(lt, ls, beta)

@@ -1,0 +1,33 @@
+"""Load HF safetensors straight into this rank's Megatron stage (TP slice, stage layers).
+
+Used to start training from an HF folder without a conversion step: every rank memory-maps the
+files and copies only its own slices.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_rlsd.checkpoint import hf_mapping as hfmap
+from megatron_rlsd.checkpoint.safetensors_io import HFWeights
+
+
+@torch.no_grad()
+def load_hf_into_stage(model: torch.nn.Module, hf_dir: str | Path, shape) -> None:
+    from megatron.core import parallel_state as ps
+
+    weights = HFWeights(hf_dir)
+    lay = hfmap.AttentionLayout(shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim)
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    offset = ps.get_pipeline_model_parallel_rank() * (shape.num_layers // ps.get_pipeline_model_parallel_world_size())
+    for name, param in model.named_parameters():
+        canonical = hfmap.canonical_name(name, offset)
+        if canonical == "output_layer.weight" and shape.tie_word_embeddings:
+            canonical = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
+        full = hfmap.to_megatron(canonical, weights.get, lay)
+        part = hfmap.tp_shard(full, canonical, tp_rank, tp_size)
+        if part.shape != param.shape:
+            raise ValueError(f"shape mismatch for {canonical}: {hf_dir} gives {tuple(part.shape)}, model has {tuple(param.shape)}")
+        param.copy_(part)

@@ -1,0 +1,285 @@
+"""Typed run configuration: YAML files with dotted command-line overrides (`trainer.steps=20`).
+
+Every section is a dataclass; unknown keys, wrong types and invalid combinations fail in
+`load_config` with one line naming the field and the fix, before any heavy initialisation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megatron_rlsd.algorithms.losses import LOSS_MODES
+from megatron_rlsd.parallel import ParallelConfig
+from megatron_rlsd.rewards import RewardConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+@dataclass
+class ModelConfig:
+    hf_dir: str = ""
+    """HF folder (config.json + tokenizer) of the initial policy; its weights are used unless
+    `init_checkpoint` is set."""
+    init_checkpoint: str = ""
+    """Optional Megatron checkpoint root (tools/convert_hf_to_megatron.py) to start from."""
+    params_dtype: str = "float32"
+    """float32 (CPU, tests) or bfloat16 (GPU)."""
+    build_tiny: bool = False
+    """Build a tiny random Qwen3 + locally trained tokenizer into `hf_dir` if it does not exist
+    (the embedded CPU default)."""
+    tiny_layers: int = 4
+    tiny_hidden: int = 128
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 2
+
+
+@dataclass
+class DataConfig:
+    train_file: str = ""
+    """JSONL or parquet rows {id, problem, answer[, images]}."""
+    synthetic_task: str = ""
+    """If set (e.g. "add"), generate `synthetic_rows` rows of this task into `train_file`."""
+    synthetic_rows: int = 2000
+    synthetic_max_operand: int = 9
+    student_template: str = ""
+    """Path to a student prompt template with {problem}; empty: the built-in default."""
+    teacher_template: str = ""
+    """Path to a teacher template with {problem} and {answer}; empty: the built-in default."""
+    max_prompt_tokens: int = 4096
+    seed: int = 1234
+
+
+@dataclass
+class RolloutConfig:
+    group_size: int = 8
+    """Responses sampled per prompt (G)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 4096
+    vllm_tensor_parallel_size: int = 1
+    """vLLM engines are colocated: one per group of this many consecutive ranks."""
+    kv_cache_mb: int = 256
+    """CPU only: KV cache size per engine."""
+    gpu_memory_utilization: float = 0.5
+    weight_bucket_mb: int = 512
+    """Upper bound of one weight-sync bucket (a bucket never splits a layer)."""
+    truncated_is_cap: float = 0.0
+    """> 0: multiply the loss by min(pi_old / pi_rollout, cap) per token (TIS)."""
+
+
+@dataclass
+class AlgorithmConfig:
+    loss_mode: str = "rlsd"
+    """rlsd | grpo | opsd | grpo_opsd | sdpo"""
+    eps_w: float = 0.2
+    lambda_init: float = 0.5
+    lambda_decay_steps: int = 50
+    """Paper: 50; the authors' script: 60."""
+    lambda_warmup_steps: int = 0
+    teacher_refresh_interval: int = 10
+    """K: teacher = policy snapshot refreshed every K steps (paper 10, authors' code 20); 1 = live."""
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    dual_clip: float = 3.0
+    """0 disables dual-clip."""
+    loss_agg: str = "token_mean"
+    """token_mean (global over the batch) | seq_mean_token_mean"""
+    adv_eps: float = 1e-6
+    opsd_divergence: str = "jsd"
+    """jsd | forward_kl | reverse_kl"""
+    opsd_beta: float = 0.5
+    grpo_opsd_alpha: float = 0.1
+    sdpo_topk: int = 100
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 200
+    prompts_per_step: int = 256
+    micro_batch_size: int = 8
+    """Sequences per micro-batch in the training forward/backward."""
+    seed: int = 1234
+    output_dir: str = "outputs/run"
+    save_interval: int = 10
+    """Checkpoint every N steps (0: only at the end)."""
+    warmup_sft_steps: int = 0
+    """Supervised steps on reference responses before RL (tiny models must learn the format)."""
+    warmup_sft_lr: float = 1e-3
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+def _coerce(value, typ, where: str):
+    origin = typing.get_origin(typ)
+    if typ is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key {where + '.' if where else ''}{unknown[0]}; known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, typ, key)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a section's own __post_init__ validation
+        raise ConfigError(str(e)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Read YAML `path` (or defaults), apply `key.sub=value` overrides, validate."""
+    tree: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found")
+        tree = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+    cfg = _build(Config, tree, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cheap consistency checks (no model, no files opened except existence checks)."""
+    a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
+    if a.loss_mode not in LOSS_MODES:
+        raise ConfigError(f"unknown loss mode {a.loss_mode!r}; choose one of {', '.join(LOSS_MODES)}")
+    if r.group_size < 2:
+        raise ConfigError(f"rollout.group_size must be >= 2 (group advantages need siblings), got {r.group_size}")
+    if not 0 < a.eps_w < 1:
+        raise ConfigError(f"algorithm.eps_w must be in (0, 1), got {a.eps_w}")
+    if not 0 <= a.lambda_init <= 1:
+        raise ConfigError(f"algorithm.lambda_init must be in [0, 1], got {a.lambda_init}")
+    if a.teacher_refresh_interval < 1:
+        raise ConfigError("algorithm.teacher_refresh_interval must be >= 1 (1 = live policy)")
+    if a.loss_agg not in ("token_mean", "seq_mean_token_mean"):
+        raise ConfigError(f"algorithm.loss_agg must be token_mean or seq_mean_token_mean, got {a.loss_agg!r}")
+    if a.opsd_divergence not in ("jsd", "forward_kl", "reverse_kl"):
+        raise ConfigError(f"algorithm.opsd_divergence must be jsd, forward_kl or reverse_kl, got {a.opsd_divergence!r}")
+    if a.dual_clip and a.dual_clip <= 1:
+        raise ConfigError(f"algorithm.dual_clip must be > 1 (or 0 to disable), got {a.dual_clip}")
+    if t.steps < 1 or t.prompts_per_step < 1 or t.micro_batch_size < 1:
+        raise ConfigError("trainer.steps, trainer.prompts_per_step and trainer.micro_batch_size must be >= 1")
+    if cfg.model.params_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.params_dtype must be float32 or bfloat16, got {cfg.model.params_dtype!r}")
+    if not cfg.model.hf_dir:
+        raise ConfigError("model.hf_dir is required (HF folder with config.json and tokenizer)")
+    if not cfg.model.build_tiny and not (Path(cfg.model.hf_dir) / "config.json").is_file():
+        raise ConfigError(f"model.hf_dir {cfg.model.hf_dir}: config.json not found")
+    if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).exists():
+        raise ConfigError(f"model.init_checkpoint {cfg.model.init_checkpoint} does not exist")
+    if not cfg.data.train_file:
+        raise ConfigError("data.train_file is required")
+    if not cfg.data.synthetic_task and not Path(cfg.data.train_file).is_file():
+        raise ConfigError(f"data.train_file {cfg.data.train_file} not found")
+    for name in ("student_template", "teacher_template"):
+        path = getattr(cfg.data, name)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"data.{name} {path} not found")
+
+
+def check_model_fits(cfg: Config, world_size: int) -> None:
+    """Layout checks that need the HF config (TP vs heads, PP vs layers, world size)."""
+    import json
+
+    from megatron_rlsd.models.registry import model_module
+
+    par = cfg.parallel
+    try:
+        par.data_parallel_size(world_size)
+        hf_cfg_path = Path(cfg.model.hf_dir) / "config.json"
+        if hf_cfg_path.is_file():
+            hf_cfg = json.loads(hf_cfg_path.read_text())
+            shape = model_module(hf_cfg).Qwen3Shape.from_hf_config(hf_cfg)
+            shape.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.trainer.prompts_per_step * cfg.rollout.group_size % par.data_parallel_size(world_size):
+        raise ConfigError(
+            f"trainer.prompts_per_step * rollout.group_size = {cfg.trainer.prompts_per_step * cfg.rollout.group_size} "
+            f"sequences do not split over {par.data_parallel_size(world_size)} data-parallel ranks"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

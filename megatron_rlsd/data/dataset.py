@@ -1,0 +1,246 @@
+"""Prompt datasets (JSONL / parquet) and a resumable epoch sampler.
+
+A row is ``{id, problem, answer[, images]}``.  Bad rows are skipped and
+counted per reason, never silently dropped and never fatal hours into a run:
+
+=====================  =====================================================
+reason                 cause
+=====================  =====================================================
+``bad_json``           a JSONL line that is not valid JSON
+``not_an_object``      valid JSON that is not an object (``[1, 2]``, ``"x"``)
+``missing_problem``    problem absent, null or blank
+``bad_problem``        problem present but not a string
+``missing_answer``     answer absent, null or blank
+``bad_answer``         answer not a string / int / float (bool, list, NaN)
+``bad_images``         images not a string or a list of strings (or of
+                       ``{"path": str}`` objects as written by HF datasets)
+``too_long``           problem longer than ``max_problem_chars``
+=====================  =====================================================
+
+Numeric answers become strings (``7`` -> ``"7"``, ``8.0`` -> ``"8"``,
+``2.5`` -> ``"2.5"``).  Ids default to ``"<file stem>:<n>"`` where ``n`` is the 1-based line number
+(JSONL) or the 0-based row index (parquet).  Relative image paths are
+resolved against the data file's folder.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["FIELDS", "EpochSampler", "PromptRow", "load_prompt_rows"]
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("id", "problem", "answer", "images")
+_LOG_FIRST = 5  # rows logged per skip reason
+
+
+@dataclass
+class PromptRow:
+    id: str
+    problem: str
+    answer: str
+    images: list[str] = field(default_factory=list)
+
+
+class _SkipRow(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    """(1-based line number, parsed object or _SkipRow) per non-blank line."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                yield lineno, _SkipRow("bad_json")
+
+
+def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
+    """(0-based row index, dict) per row, read batch by batch."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    present = [c for c in columns if c in pf.schema_arrow.names]
+    index = 0
+    for batch in pf.iter_batches(batch_size=4096, columns=present):
+        for record in batch.to_pylist():
+            yield index, record
+            index += 1
+
+
+def _text_field(record: Mapping, column: str, name: str) -> str:
+    value = record.get(column)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise _SkipRow(f"missing_{name}")
+    if isinstance(value, bool):
+        raise _SkipRow(f"bad_{name}")
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _SkipRow(f"bad_{name}")
+        return str(int(value)) if name == "answer" and value.is_integer() and abs(value) < 2**53 else str(value)
+    if not isinstance(value, str):
+        raise _SkipRow(f"bad_{name}")
+    return value
+
+
+def _images_field(record: Mapping, column: str, base: Path) -> list[str]:
+    value = record.get(column)
+    if value is None:
+        return []
+    items = [value] if isinstance(value, (str, dict)) else value
+    if not isinstance(items, list):
+        raise _SkipRow("bad_images")
+    images = []
+    for item in items:
+        if isinstance(item, dict):
+            item = item.get("path")
+        if not isinstance(item, str) or not item:
+            raise _SkipRow("bad_images")
+        if "://" not in item and not os.path.isabs(item):
+            item = str(base / item)
+        images.append(item)
+    return images
+
+
+def load_prompt_rows(
+    path: str | os.PathLike,
+    *,
+    max_problem_chars: int | None = None,
+    columns: Mapping[str, str] | None = None,
+) -> tuple[list[PromptRow], collections.Counter]:
+    """Read prompt rows from ``.jsonl`` or ``.parquet``; returns ``(rows, skipped)``.
+
+    ``columns`` maps our field names to the file's, e.g. ``{"problem": "question"}``.
+    ``skipped`` counts skipped rows per reason (see the module docstring); the
+    first few skipped rows of each reason are logged with their id / line.
+
+    Raises FileNotFoundError for a missing file, ValueError for an unknown
+    extension, a bad ``columns`` mapping, or a file without a single usable row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt data file not found: {path}")
+    mapping = {name: name for name in FIELDS}
+    unknown = set(columns or {}) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"columns: unknown field(s) {sorted(unknown)}; expected a subset of {list(FIELDS)}")
+    mapping.update(columns or {})
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records, where = _iter_jsonl(path), "line"
+    elif suffix == ".parquet":
+        records, where = _iter_parquet(path, list(mapping.values())), "row"
+    else:
+        raise ValueError(f"{path}: unsupported data format {suffix!r}; use .jsonl or .parquet")
+
+    rows: list[PromptRow] = []
+    skipped: collections.Counter = collections.Counter()
+    base = path.parent
+    for n, record in records:
+        default_id = f"{path.stem}:{n}"
+        row_id = default_id
+        try:
+            if isinstance(record, _SkipRow):
+                raise record
+            if not isinstance(record, dict):
+                raise _SkipRow("not_an_object")
+            raw_id = record.get(mapping["id"])
+            if raw_id is not None and not isinstance(raw_id, (dict, list)) and str(raw_id).strip():
+                row_id = str(raw_id)
+            problem = _text_field(record, mapping["problem"], "problem")
+            answer = _text_field(record, mapping["answer"], "answer").strip()
+            if max_problem_chars is not None and len(problem) > max_problem_chars:
+                raise _SkipRow("too_long")
+            images = _images_field(record, mapping["images"], base)
+        except _SkipRow as skip:
+            skipped[skip.reason] += 1
+            if skipped[skip.reason] <= _LOG_FIRST:
+                label = row_id if row_id == default_id else f"{row_id} ({where} {n})"
+                logger.warning("%s: skipping %s %s: %s", path, where, label, skip.reason)
+            continue
+        rows.append(PromptRow(id=row_id, problem=problem, answer=answer, images=images))
+
+    if skipped:
+        logger.warning("%s: loaded %d rows, skipped %d (%s)", path, len(rows), sum(skipped.values()), dict(skipped))
+    if not rows:
+        raise ValueError(
+            f"{path}: no usable rows (skipped: {dict(skipped) or 'file is empty'}); "
+            f"expected fields {mapping['problem']!r} and {mapping['answer']!r} (set `columns` to map other names)"
+        )
+    return rows, skipped
+
+
+class EpochSampler:
+    """Deterministic per-epoch shuffle over ``num_rows`` indices, resumable exactly.
+
+    Epoch ``e`` visits ``permutation(num_rows)`` drawn from
+    ``numpy.random.default_rng([seed, e])``; :meth:`next_indices` continues
+    across epoch boundaries.  The state is just ``(epoch, position)``, so a
+    restored sampler yields the same indices the original would have.
+    """
+
+    def __init__(self, num_rows: int, seed: int = 0):
+        if num_rows <= 0:
+            raise ValueError(f"EpochSampler: num_rows must be positive, got {num_rows}")
+        if seed < 0:
+            raise ValueError(f"EpochSampler: seed must be non-negative, got {seed}")
+        self.num_rows = int(num_rows)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0
+        self._perm: np.ndarray | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+
+    def _current(self) -> np.ndarray:
+        if self._perm is None:
+            self._perm = self.permutation(self.epoch)
+        return self._perm
+
+    def next_indices(self, k: int) -> list[int]:
+        """The next ``k`` row indices (crossing into new epochs as needed)."""
+        if k < 0:
+            raise ValueError(f"next_indices: k must be >= 0, got {k}")
+        out: list[int] = []
+        while len(out) < k:
+            perm = self._current()
+            take = min(k - len(out), self.num_rows - self.position)
+            out.extend(int(i) for i in perm[self.position : self.position + take])
+            self.position += take
+            if self.position == self.num_rows:
+                self.epoch, self.position, self._perm = self.epoch + 1, 0, None
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": self.num_rows}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        for key in ("seed", "num_rows"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(
+                    f"EpochSampler: checkpoint has {key}={state[key]} but this run has {getattr(self, key)}; "
+                    "resume with the same dataset and seed"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.num_rows:
+            raise ValueError(f"EpochSampler: invalid state epoch={epoch} position={position} for {self.num_rows} rows")
+        self.epoch, self.position, self._perm = epoch, position, None

@@ -1,0 +1,48 @@
+"""Entry point of the main job.
+
+    torchrun --nproc-per-node N -m megatron_rlsd.train --config CONFIG.yaml [section.key=value ...]
+
+The configuration is validated (one clear line on error, exit code 2) before torch.distributed,
+Megatron or vLLM are initialised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megatron_rlsd.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--config", required=True, help="YAML config (see examples/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
+    args = parser.parse_args(argv)
+
+    from megatron_rlsd.config import ConfigError, check_model_fits, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        check_model_fits(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron_rlsd.train: config error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+    from megatron_rlsd.parallel import destroy_distributed
+    from megatron_rlsd.trainer import Trainer
+
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        trainer.run()
+    finally:
+        if trainer is not None:
+            trainer.engine.close()
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
