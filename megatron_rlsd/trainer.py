@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import time
 from contextlib import contextmanager
@@ -26,11 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_rlsd import algorithms as alg
 from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 from megatron_rlsd.config import Config, to_dict
-from megatron_rlsd.data import EpochSampler, PromptTemplates, encode_prompt, load_prompt_rows, sft_text
+from megatron_rlsd.data import EpochSampler, PromptTemplates, encode_prompt
 from megatron_rlsd.rewards import score_response
 from megatron_rlsd.rollout.samples import Sample, pack, response_logits
 
@@ -82,11 +82,6 @@ class Trainer:
     @property
     def module(self):
         return self.model.module  # the GPTModel inside Megatron's DDP wrapper
-
-    def _groups(self):
-        from megatron.core import parallel_state as ps
-
-        return ps
 
     def _snapshot(self) -> list[torch.Tensor] | None:
         if self.cfg.algorithm.teacher_refresh_interval == 1:
@@ -167,6 +162,7 @@ class Trainer:
             [samples[i].student_prompt for i in mine], seeds, temperature=r.temperature, top_p=r.top_p,
             max_new_tokens=r.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
         )  # fmt: skip
+        self.engine.sleep()  # GPU: hand the KV cache's memory to training until the next sync
         local = []
         for i, gen in zip(mine, gens):
             s = samples[i]
@@ -194,7 +190,6 @@ class Trainer:
             s.advantage = a
 
     def local_batch(self, samples: list[Sample]) -> list[Sample]:
-        ps = self._groups()
         return np.array_split(np.array(samples, dtype=object), ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()].tolist()
 
     def _forward_scores(self, batch: list[Sample], teacher: bool, keep_logits: bool) -> dict | None:
@@ -203,7 +198,6 @@ class Trainer:
         only; None elsewhere."""
         from megatron_rlsd.models.forward import forward_only
 
-        ps = self._groups()
         packed = pack(batch, teacher=teacher, pad_id=self.tokenizer.pad_token_id)
         tp_group = ps.get_tensor_model_parallel_group()
 
@@ -244,13 +238,12 @@ class Trainer:
         lam = self.lam.value(self.step)
         credit = alg.rlsd_token_advantages(adv, student["logp"], teacher["logp"], lam, a.eps_w)
         low, high = alg.rlsd_clip_fractions(adv, student["logp"], teacher["logp"], student["mask"], a.eps_w)
-        return credit, {"clip_low": low.item(), "clip_high": high.item(), "lambda": lam}
+        return credit, {"clip_low": low.item(), "clip_high": high.item()}
 
     def policy_update(self, batch, samples, student, teacher, credit) -> dict:
         """One optimizer step over this rank's slice (micro-batched through the pipeline)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        ps = self._groups()
         a, mode = self.cfg.algorithm, self.cfg.algorithm.loss_mode
         tp_group = ps.get_tensor_model_parallel_group()
         packed = pack(batch, teacher=False, pad_id=self.tokenizer.pad_token_id)
@@ -329,6 +322,7 @@ class Trainer:
     def sync_weights(self) -> None:
         from megatron_rlsd.rollout.weight_sync import iter_hf_buckets
 
+        self.engine.wake_up()
         for bucket in iter_hf_buckets(self.module, self.shape, self.cfg.rollout.weight_bucket_mb << 20):
             self.engine.load_bucket(bucket)
         self.engine.finish_weight_update()
@@ -352,9 +346,9 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- metrics
     def _step_metrics(self, samples, student, teacher, credit_metrics, update_metrics, times) -> dict:
-        ps = self._groups()
         m = {
             "step": self.step,
+            "lambda": self.lam.value(self.step - 1) if self.cfg.algorithm.loss_mode == "rlsd" else 0.0,
             "reward": float(np.mean([s.reward for s in samples])),
             "accuracy": float(np.mean([s.correct for s in samples])),
             "response_len": float(np.mean([len(s.response) for s in samples])),
@@ -372,12 +366,10 @@ class Trainer:
         local |= credit_metrics | update_metrics
         # the last pipeline stage's TP rank 0 of DP rank 0 owns these; share them with everyone
         owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
-        box = [local if owner else None] * 1
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, box[0])
+        dist.all_gather_object(everyone, local if owner else None)
         m |= next(e for e in everyone if e is not None)
         m |= {f"time_{k}": round(v, 3) for k, v in times.items()}
-        m["lambda"] = m.get("lambda", self.lam.value(self.step - 1) if self.cfg.algorithm.loss_mode == "rlsd" else 0.0)
         return m
 
     def _open_logs(self) -> None:
@@ -425,4 +417,3 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))

@@ -117,7 +117,8 @@ def warm_start_sft(trainer) -> None:
     from megatron_rlsd.trainer import _positions, log0
 
     cfg, tok = trainer.cfg, trainer.tokenizer
-    ps = trainer._groups()
+    from megatron.core import parallel_state as ps
+
     optimizer = build_optimizer(cfg, trainer.model, cfg.trainer.warmup_sft_lr)
     rng = random.Random(cfg.trainer.seed)
     tp_group = ps.get_tensor_model_parallel_group()

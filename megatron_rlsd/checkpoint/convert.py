@@ -187,12 +187,12 @@ def megatron_to_hf(
         loaded = ckpt.load_sharded({"model": part}, step_dir, partial=True)["model"]
         nbytes = 0
         for name in names:
-            tensor = loaded[name]
+            megatron_tensor = loaded[name]
             if hfmap.split_layer(name)[1] is not None:
-                tensor = tensor[0]  # drop the stacked-layer axis of the one-layer slice
-            for hf_name, tensor in hfmap.to_hf(hfmap.canonical_name(name), tensor, lay):
-                writer.add(hf_name, tensor)
-                nbytes += tensor.numel() * tensor.element_size()
+                megatron_tensor = megatron_tensor[0]  # drop the stacked-layer axis of the one-layer slice
+            for hf_name, hf_tensor in hfmap.to_hf(hfmap.canonical_name(name), megatron_tensor, lay):
+                writer.add(hf_name, hf_tensor)
+                nbytes += hf_tensor.numel() * hf_tensor.element_size()
         bar.step(names[0], nbytes)
     writer.close()
     copy_side_files(hf_src, out)
