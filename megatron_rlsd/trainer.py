@@ -124,9 +124,9 @@ class Trainer:
     def train_step(self) -> dict:
         t = StageTimer()
         with t("rollout"):
-            samples = self.generate_rollouts(self.next_prompts())
+            samples, mine = self.generate_rollouts(self.next_prompts())
         with t("reward"):
-            self.score_rewards(samples)
+            self.score_rewards(samples, mine)
             self.compute_advantages(samples)
         batch = self.local_batch(samples)
         with t("student"):
@@ -146,40 +146,42 @@ class Trainer:
     def next_prompts(self):
         return [self.rows[i] for i in self.sampler.next_indices(self.cfg.trainer.prompts_per_step)]
 
-    def generate_rollouts(self, rows) -> list[Sample]:
-        """Every rank generates an equal share with per-sample seeds, then all ranks gather all."""
+    def generate_rollouts(self, rows) -> tuple[list[Sample], list[int]]:
+        """Every rank generates an equal share of the G samples per prompt, with per-sample
+        seeds (reproducible wherever a sample is generated). Returns all samples, of which this
+        rank filled the ones at the returned indices."""
         g = self.cfg.rollout.group_size
         samples = []
         for gi, row in enumerate(rows):
             sp = encode_prompt(self.tokenizer, self.templates.student_messages(row))
             tp = encode_prompt(self.tokenizer, self.templates.teacher_messages(row))
             samples += [Sample(row=row, group=gi, student_prompt=sp, teacher_prompt=tp) for _ in range(g)]
-        world, rank = dist.get_world_size(), dist.get_rank()
-        mine = np.array_split(np.arange(len(samples)), world)[rank]
-        seeds = [hash((self.cfg.trainer.seed, self.step, int(i))) % (2**31) for i in mine]
+        mine = np.array_split(np.arange(len(samples)), dist.get_world_size())[dist.get_rank()].tolist()
+        seeds = [hash((self.cfg.trainer.seed, self.step, i)) % (2**31) for i in mine]
         r = self.cfg.rollout
         gens = self.engine.generate(
             [samples[i].student_prompt for i in mine], seeds, temperature=r.temperature, top_p=r.top_p,
             max_new_tokens=r.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
         )  # fmt: skip
         self.engine.sleep()  # GPU: hand the KV cache's memory to training until the next sync
-        local = []
         for i, gen in zip(mine, gens):
             s = samples[i]
             s.response, s.rollout_logprobs, s.finish_reason = gen.response_ids, gen.logprobs, gen.finish_reason
             s.text = self.tokenizer.decode(gen.response_ids, skip_special_tokens=True)
-            res = score_response(s.text, s.row.answer, self.cfg.reward)  # verify where generated
+        return samples, mine
+
+    def score_rewards(self, samples: list[Sample], mine: list[int]) -> None:
+        """Verify this rank's responses, then share every sample with every rank (sdpo also
+        builds its sibling-solution teacher prompts from the shared results)."""
+        for i in mine:
+            s = samples[i]
+            res = score_response(s.text, s.row.answer, self.cfg.reward)
             s.reward, s.correct, s.reward_reason = res.reward, res.correct, res.reason
-            local.append((int(i), s))
-        gathered = [None] * world
-        dist.all_gather_object(gathered, local)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, [(i, samples[i]) for i in mine])
         for part in gathered:
             for i, s in part:
                 samples[i] = s
-        return samples
-
-    def score_rewards(self, samples: list[Sample]) -> None:
-        """Rewards were computed beside generation; sdpo also needs its sibling-solution prompts."""
         if self.cfg.algorithm.loss_mode == "sdpo":
             self._sdpo_teacher_prompts(samples)
 
@@ -190,7 +192,9 @@ class Trainer:
             s.advantage = a
 
     def local_batch(self, samples: list[Sample]) -> list[Sample]:
-        return np.array_split(np.array(samples, dtype=object), ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()].tolist()
+        """This data-parallel rank's contiguous slice of the global batch."""
+        idx = np.array_split(np.arange(len(samples)), ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
+        return [samples[i] for i in idx]
 
     def _forward_scores(self, batch: list[Sample], teacher: bool, keep_logits: bool) -> dict | None:
         """Forward-only over the pipeline: per-token log-probs and entropy of the responses
