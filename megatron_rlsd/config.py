@@ -120,10 +120,17 @@ class TrainerConfig:
     output_dir: str = "outputs/run"
     save_interval: int = 10
     """Checkpoint every N steps (0: only at the end)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
     warmup_sft_steps: int = 0
     """Supervised steps on reference responses before RL (tiny models must learn the format)."""
     warmup_sft_lr: float = 1e-3
     tensorboard: bool = True
+    max_consecutive_nonfinite: int = 3
+    """Steps whose loss or gradient norm is not finite are skipped (and counted); after this many
+    in a row the run stops, leaving the last good checkpoint as it was."""
+    inject_nan_at_steps: str = ""
+    """Fault injection for tests: comma-separated step numbers whose loss is made NaN."""
 
 
 @dataclass
@@ -238,8 +245,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.opsd_divergence must be jsd, forward_kl or reverse_kl, got {a.opsd_divergence!r}")
     if a.dual_clip and a.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip must be > 1 (or 0 to disable), got {a.dual_clip}")
-    if t.steps < 1 or t.prompts_per_step < 1 or t.micro_batch_size < 1:
-        raise ConfigError("trainer.steps, trainer.prompts_per_step and trainer.micro_batch_size must be >= 1")
+    if t.steps < 1 or t.prompts_per_step < 1 or t.micro_batch_size < 1 or t.keep_checkpoints < 1:
+        raise ConfigError("trainer.steps, prompts_per_step, micro_batch_size and keep_checkpoints must be >= 1")
     if cfg.model.params_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.params_dtype must be float32 or bfloat16, got {cfg.model.params_dtype!r}")
     if not cfg.model.hf_dir:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ from megatron_rlsd.config import Config, to_dict
 from megatron_rlsd.data import EpochSampler, PromptTemplates, encode_prompt
 from megatron_rlsd.rewards import score_response
 from megatron_rlsd.rollout.samples import Sample, pack, response_logits
+
+
+COMPLETED_MARKER = "COMPLETED"
+STOPPED_MARKER = "STOPPED"
 
 
 def log0(msg: str) -> None:
@@ -77,6 +82,9 @@ class Trainer:
         self.teacher = TeacherState(self._snapshot())
         self.metrics_file = None
         self.tb = None
+        self.nonfinite_skipped = 0  # total steps whose update was skipped
+        self.nonfinite_in_a_row = 0
+        self._stop_signal: int | None = None
 
     # ----------------------------------------------------------------------------- plumbing
     @property
@@ -108,18 +116,54 @@ class Trainer:
         from megatron_rlsd.trainer_setup import load_checkpoint, save_checkpoint, warm_start_sft
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            for marker in (COMPLETED_MARKER, STOPPED_MARKER):
+                (self.out_dir / marker).unlink(missing_ok=True)
         resumed = load_checkpoint(self)
         if not resumed and self.cfg.trainer.warmup_sft_steps:
             warm_start_sft(self)
         self.sync_weights()
         self._open_logs()
+        self._catch_stop_signals()
         cfg = self.cfg.trainer
         while self.step < cfg.steps:
             metrics = self.train_step()
             self._log(metrics)
+            if self._stop_requested():
+                save_checkpoint(self)
+                self._write_marker(STOPPED_MARKER, f"stopped by signal at step {self.step}; rerun to resume\n")
+                log0(f"stopping on signal {self._stop_signal_name()}: checkpoint saved at step {self.step}")
+                return
             if cfg.save_interval and self.step % cfg.save_interval == 0 or self.step == cfg.steps:
                 save_checkpoint(self)
+        self._write_marker(COMPLETED_MARKER, f"completed {self.step} steps\n")
         log0(f"done: {self.step} steps, outputs in {self.out_dir}")
+
+    def _write_marker(self, name: str, text: str) -> None:
+        """COMPLETED / STOPPED files in the output directory tell launchers (Slurm requeue) how
+        the run ended; a new start clears both."""
+        if dist.get_rank() == 0:
+            (self.out_dir / name).write_text(text)
+
+    def _catch_stop_signals(self) -> None:
+        """SIGTERM / SIGUSR1 (Slurm's pre-timeout signal) ask for a checkpoint at the end of the
+        current step and a clean exit; the step in flight is never interrupted."""
+
+        def request(signum, frame):
+            self._stop_signal = signum
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request)
+
+    def _stop_requested(self) -> bool:
+        # any rank may have been signalled: agree collectively so all ranks stop at the same step
+        flag = torch.tensor([1 if self._stop_signal is not None else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _stop_signal_name(self) -> str:
+        return signal.Signals(self._stop_signal).name if self._stop_signal is not None else "(another rank)"
 
     def train_step(self) -> dict:
         t = StageTimer()
@@ -262,6 +306,7 @@ class Trainer:
                 extra["teacher_logits"] = teacher["logits"]
         mbs = packed.micro_batches(self.cfg.trainer.micro_batch_size, **extra)
         denominator = self._loss_denominator(samples)
+        injected_nan_steps = {int(x) for x in self.cfg.trainer.inject_nan_at_steps.split(",") if x.strip()}
         scale = len(mbs) * ps.get_data_parallel_world_size()  # undo Megatron's mean over both
 
         def loss_fn(mb, logits):
@@ -286,6 +331,8 @@ class Trainer:
             if mode == "sdpo":
                 div = alg.sdpo_token_divergence(rl, mb["teacher_logits"], topk=a.sdpo_topk, beta=a.opsd_beta, tp_group=tp_group)
                 loss = loss + alg.aggregate(div, mask & mb["teacher_valid"].unsqueeze(1), a.loss_agg, denominator)
+            if self.step + 1 in injected_nan_steps:
+                loss = loss * float("nan")
             report = {"loss": loss.detach()} | {k: v.detach() for k, v in metrics.items()}
             return loss * scale, report
 
@@ -300,14 +347,36 @@ class Trainer:
             forward_step_func=step_fn, data_iterator=iter(mbs), model=[self.model], num_microbatches=len(mbs),
             seq_length=packed.tokens.shape[1], micro_batch_size=self.cfg.trainer.micro_batch_size, forward_only=False,
         )  # fmt: skip
-        ok, grad_norm, _ = self.optimizer.step()
-        out = {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"), "update_ok": bool(ok)}
+        ok, grad_norm = self._guarded_optimizer_step()
+        out = {"grad_norm": grad_norm, "update_ok": ok, "nonfinite_skipped": self.nonfinite_skipped}
         if reports:
             out["loss"] = sum(r["loss"].item() for r in reports)
             for k in ("clip_frac", "dual_clip_frac", "approx_kl"):
                 if k in reports[0]:
                     out["pg_" + k] = float(np.mean([r[k].item() for r in reports]))
         return out
+
+    def _guarded_optimizer_step(self) -> tuple[bool, float]:
+        """Step unless the gradient norm is not finite (a NaN/inf loss makes it so); count skips
+        and stop the run after `trainer.max_consecutive_nonfinite` in a row."""
+        if self.optimizer.prepare_grads():  # fp16 loss-scale overflow
+            grad_norm = float("inf")
+        else:
+            grad_norm = float(self.optimizer.get_grad_norm())  # all-reduced: every rank agrees
+        if math.isfinite(grad_norm):
+            self.nonfinite_in_a_row = 0
+            ok, grad_norm, _ = self.optimizer.step()
+            return bool(ok), float(grad_norm)
+        self.nonfinite_skipped += 1
+        self.nonfinite_in_a_row += 1
+        log0(f"step {self.step + 1}: non-finite gradient norm ({grad_norm}); update skipped "
+             f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_skipped} in total)")  # fmt: skip
+        if self.nonfinite_in_a_row >= self.cfg.trainer.max_consecutive_nonfinite:
+            raise RuntimeError(
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient; stopping. "
+                f"The last good checkpoint in {self.out_dir / 'checkpoints'} is intact; lower optim.lr or inspect the data"
+            )
+        return False, grad_norm
 
     def _loss_denominator(self, samples: list[Sample]) -> float:
         """Global count of response tokens (token_mean) or sequences, over all DP ranks."""

@@ -166,18 +166,24 @@ def warm_start_sft(trainer) -> None:
 
 
 # --------------------------------------------------------------------------------- checkpoints
+TEACHER_PREFIX = "teacher."
+
+
 def _checkpoint_root(trainer) -> Path:
     return trainer.out_dir / "checkpoints"
 
 
 def save_checkpoint(trainer) -> None:
-    """Model + optimizer (dist_checkpointing) and trainer state; `latest` moves last."""
+    """Model, optimizer, teacher snapshot (dist_checkpointing) and trainer state.
+
+    Crash-safe: everything is written into `.incomplete-step_N/`, which is renamed into place
+    once complete; `latest` moves last; only the newest `trainer.keep_checkpoints` are kept."""
     root = _checkpoint_root(trainer)
-    step_dir = root / ckpt.step_dir_name(trainer.step)
+    final = root / ckpt.step_dir_name(trainer.step)
+    tmp = root / f".incomplete-{final.name}"
     if dist.get_rank() == 0:
-        if step_dir.exists():
-            shutil.rmtree(step_dir)
-        step_dir.mkdir(parents=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         hf = root / ckpt.HF_SUBDIR
         if not hf.exists():
             from megatron_rlsd.checkpoint.convert import copy_side_files
@@ -192,18 +198,22 @@ def save_checkpoint(trainer) -> None:
             "step": trainer.step,
             "sampler": trainer.sampler.state_dict(),
             "teacher_age": trainer.teacher.age,
+            "nonfinite_skipped": trainer.nonfinite_skipped,
         },
     }
-    ckpt.save_sharded(state, step_dir)
     if trainer.teacher.snapshot is not None:
-        torch.save(
-            [t.clone() for t in trainer.teacher.snapshot],
-            step_dir / f"teacher_rank{dist.get_rank():05d}.pt",
-        )  # per-rank shards of the snapshot, same layout as the model
+        with trainer.teacher_weights():  # the snapshot, under its own keys, reshardable like the model
+            state["teacher"] = trainer.module.sharded_state_dict(prefix=TEACHER_PREFIX)
+    ckpt.save_sharded(state, tmp)
     dist.barrier()
     if dist.get_rank() == 0:
-        ckpt.publish_latest(root, step_dir)
-        print(f"saved checkpoint {step_dir}", flush=True)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        ckpt.publish_latest(root, final)
+        for old in sorted(root.glob("step_*"))[: -trainer.cfg.trainer.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        print(f"saved checkpoint {final}", flush=True)
+    dist.barrier()
 
 
 def load_checkpoint(trainer) -> bool:
@@ -221,10 +231,11 @@ def load_checkpoint(trainer) -> bool:
     trainer.step = t["step"]
     trainer.sampler.load_state_dict(t["sampler"])
     trainer.teacher.age = t["teacher_age"]
-    teacher_file = step_dir / f"teacher_rank{dist.get_rank():05d}.pt"
-    if trainer.teacher.snapshot is not None and teacher_file.is_file():
-        for s, v in zip(trainer.teacher.snapshot, torch.load(teacher_file, weights_only=True)):
-            s.copy_(v)
+    trainer.nonfinite_skipped = t.get("nonfinite_skipped", 0)
+    if trainer.teacher.snapshot is not None:
+        with trainer.teacher_weights():
+            teacher = ckpt.load_sharded({"teacher": trainer.module.sharded_state_dict(prefix=TEACHER_PREFIX)}, step_dir)
+            trainer.module.load_state_dict({k[len(TEACHER_PREFIX):]: v for k, v in teacher["teacher"].items()})
     if dist.get_rank() == 0:
         print(f"resumed from {step_dir} at step {trainer.step}", flush=True)
     return True

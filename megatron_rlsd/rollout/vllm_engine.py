@@ -94,7 +94,8 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Tear the engine down while torch.distributed is still up (vLLM destroys its groups,
-        a collective); otherwise its exit hook fails after the trainer has shut down."""
+        a collective, and then the default process group too); otherwise its exit hook fails
+        after the trainer has shut down. Call it last."""
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
