@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
 import time
 
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from megatron_rlsd.algorithms.advantages import group_advantages
 from megatron_rlsd.algorithms.losses import (
@@ -510,11 +510,6 @@ def run_divergence_checks(tp_group, rank, world, rec):
                        f"{kind}/tp_vs_tp1_grad")  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def _tp_worker(rank, world, port, out_path):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -554,7 +549,7 @@ def test_divergences_tp1_match_reference():
 def test_divergences_tp2_match_reference_and_tp1(tmp_path):
     out_path = str(tmp_path / "diffs_tp2.json")
     t0 = time.time()
-    mp.spawn(_tp_worker, args=(2, _free_port(), out_path), nprocs=2, join=True)
+    mp.spawn(_tp_worker, args=(2, free_port(), out_path), nprocs=2, join=True)
     with open(out_path) as f:
         diffs = json.load(f)
     _print_diffs(f"TP2 max abs diffs ({time.time() - t0:.1f}s):", diffs)

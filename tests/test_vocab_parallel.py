@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 
 import pytest
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import free_port
 
 from megatron_rlsd.algorithms.vocab_parallel import (
     vocab_parallel_entropy,
@@ -207,11 +207,6 @@ def run_all_checks(tp_group, rank, world, rec, configs=FULL_CONFIGS):
 # --------------------------------------------------------------------------- #
 # multi-process (gloo) tests
 # --------------------------------------------------------------------------- #
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _tp_worker(rank, world, port, out_path):
     os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -250,7 +245,7 @@ def _failing_worker(rank):
 def test_tensor_parallel_matches_reference(world, tmp_path):
     out_path = str(tmp_path / f"diffs_tp{world}.json")
     t0 = time.time()
-    mp.spawn(_tp_worker, args=(world, _free_port(), out_path), nprocs=world, join=True)
+    mp.spawn(_tp_worker, args=(world, free_port(), out_path), nprocs=world, join=True)
     with open(out_path) as f:
         diffs = json.load(f)
     print(f"\nTP{world} max abs diffs ({time.time() - t0:.1f}s):")
