@@ -32,6 +32,7 @@ from megatron_rlsd import algorithms as alg
 from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 from megatron_rlsd.config import Config, to_dict
 from megatron_rlsd.data import EpochSampler, PromptTemplates, encode_prompt
+from megatron_rlsd.models.forward import position_ids_for
 from megatron_rlsd.rewards import score_response
 from megatron_rlsd.rollout.samples import Sample, pack, response_logits
 
@@ -338,7 +339,7 @@ class Trainer:
 
         def step_fn(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb["tokens"], _positions(mb["tokens"]), None)
+            output = model(mb["tokens"], position_ids_for(mb["tokens"]), None)
             return output, lambda logits: loss_fn(mb, logits)
 
         self.model.zero_grad_buffer()
@@ -473,10 +474,6 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, m["step"])
             self.tb.flush()
-
-
-def _positions(tokens: torch.Tensor) -> torch.Tensor:
-    return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
 def _pad_lists(values: list[list[float]], width: int) -> torch.Tensor:

@@ -114,7 +114,8 @@ def warm_start_sft(trainer) -> None:
     from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_logprobs
     from megatron_rlsd.data import encode_prompt, sft_text
     from megatron_rlsd.rollout.samples import Sample, pack, response_logits
-    from megatron_rlsd.trainer import _positions, log0
+    from megatron_rlsd.models.forward import position_ids_for
+    from megatron_rlsd.trainer import log0
 
     cfg, tok = trainer.cfg, trainer.tokenizer
     from megatron.core import parallel_state as ps
@@ -140,7 +141,7 @@ def warm_start_sft(trainer) -> None:
 
         def step_fn(data_iterator, model):
             mb = next(data_iterator)
-            out = model(mb["tokens"], _positions(mb["tokens"]), None)
+            out = model(mb["tokens"], position_ids_for(mb["tokens"]), None)
 
             def loss(logits):
                 lp = vocab_parallel_logprobs(response_logits(logits, mb["resp_pos"]), mb["resp_ids"], tp_group=tp_group)
