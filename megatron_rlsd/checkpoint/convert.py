@@ -57,15 +57,15 @@ def copy_side_files(src: Path, dst: Path) -> None:
 
 
 def _meta_model(hf_config: dict):
-    """The TP1/PP1 model on the meta device: key structure without memory."""
+    """The TP1/PP1 model on the meta device (key structure without memory), and its mapping."""
     from megatron_rlsd.platform import select_platform
 
     module = model_module(hf_config)
-    shape = module.Qwen3Shape.from_hf_config(hf_config)
+    shape = module.Shape.from_hf_config(hf_config)
     config = module.transformer_config(shape, select_platform(), init_weights=False)
     with torch.device("meta"):
         model = module.build_model(shape, config, pre_process=True, post_process=True, use_te=False)
-    return model, shape
+    return model, shape, module.hf_mapping(shape)
 
 
 class _ScratchFiles:
@@ -81,10 +81,6 @@ class _ScratchFiles:
         return torch.from_numpy(raw).view(dtype).reshape(shape)
 
 
-def _attention_layout(shape) -> hfmap.AttentionLayout:
-    return hfmap.AttentionLayout(shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim)
-
-
 def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, allow_pickle: bool = False, progress: bool = True) -> Path:
     """Convert an HF folder to a checkpoint root `out` (hf/ + step_0000000/ + latest).
 
@@ -95,11 +91,9 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, allow_pickle: bool = 
     weights = HFWeights(hf_dir, allow_pickle=allow_pickle)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
-    model, shape = _meta_model(hf_config)
-    lay = _attention_layout(shape)
+    model, shape, mapping = _meta_model(hf_config)
 
-    expected = set(n for c in hfmap.canonical_names(shape.num_layers, shape.tie_word_embeddings) for n in hfmap.hf_sources(c))
-    unknown = sorted(set(weights.names()) - expected - {"lm_head.weight"})
+    unknown = sorted(set(weights.names()) - mapping.hf_names() - {mapping.lm_head})
     if unknown:
         raise ValueError(f"{hf_dir}: {len(unknown)} tensors have no Megatron mapping, e.g. {unknown[0]!r}")
 
@@ -113,13 +107,13 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, allow_pickle: bool = 
         for name, entry in list(sharded.items()):
             if getattr(entry, "data", None) is None:  # _extra_state objects carry no tensor
                 continue
-            canonical = hfmap.canonical_name(name)
+            canonical = mapping.canonical_name(name)
             if hasattr(entry, "build_fn"):
-                sharded[name] = _fill_factory(entry, canonical, weights)
+                sharded[name] = _fill_factory(entry, mapping.hf_sources(canonical), weights)
                 nbytes = sum(t.data.numel() * t.data.element_size() for t in sharded[name])
             else:
-                tensor = hfmap.to_megatron(canonical, weights.get, lay, alloc)
-                _check_entry_shape(canonical, tensor, tuple(entry.data.shape))
+                tensor = mapping.to_megatron(canonical, weights.get, alloc)
+                _check_entry_shape(canonical, mapping.hf_sources(canonical), tensor, tuple(entry.data.shape))
                 entry.data = tensor
                 nbytes = tensor.numel() * tensor.element_size()
             bar.step(canonical, nbytes)
@@ -129,25 +123,24 @@ def hf_to_megatron(hf_dir: str | Path, out: str | Path, *, allow_pickle: bool = 
     return step_dir
 
 
-def _check_entry_shape(canonical: str, tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
+def _check_entry_shape(canonical: str, sources: tuple[str, ...], tensor: torch.Tensor, expected: tuple[int, ...]) -> None:
     if tuple(tensor.shape) != expected:
         raise ValueError(
-            f"shape mismatch for {canonical} (from {', '.join(hfmap.hf_sources(canonical))}): "
+            f"shape mismatch for {canonical} (from {', '.join(sources)}): "
             f"weights have {tuple(tensor.shape)}, config.json implies {expected}"
         )
 
 
-def _fill_factory(entry, canonical: str, weights: HFWeights) -> list:
+def _fill_factory(entry, sources: tuple[str, ...], weights: HFWeights) -> list:
     """Megatron saves fc1 through a factory that splits [gate; up] into two shards. Build those
     shards directly from the two HF tensors: no fused copy, and each shard keeps its own mapped
     storage (the writer would clone views of a shared one)."""
     shards = entry.build_fn(entry.key, entry.data, entry.replica_id, None)
-    sources = hfmap.hf_sources(canonical)
     if len(shards) != len(sources):
-        raise AssertionError(f"{canonical}: factory built {len(shards)} shards for {len(sources)} HF tensors")
+        raise AssertionError(f"{entry.key}: factory built {len(shards)} shards for {len(sources)} HF tensors")
     for shard, source in zip(shards, sources):
         tensor = weights.get(source)
-        _check_entry_shape(canonical, tensor, tuple(shard.data.shape))
+        _check_entry_shape(entry.key, (source,), tensor, tuple(shard.data.shape))
         shard.data = tensor
     return shards
 
@@ -158,8 +151,7 @@ def _layer_groups(sharded: dict) -> list[list[str]]:
     for name, entry in sharded.items():
         if getattr(entry, "data", None) is None:
             continue
-        template, layer = hfmap.split_layer(name)
-        groups.setdefault(f"layer{layer}" if layer is not None else name, []).append(name)
+        groups.setdefault(hfmap.layer_group_key(name), []).append(name)
     return list(groups.values())
 
 
@@ -173,8 +165,7 @@ def megatron_to_hf(
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
     hf_config = qwen3.load_hf_config(hf_src)
-    model, shape = _meta_model(hf_config)
-    lay = _attention_layout(shape)
+    model, shape, mapping = _meta_model(hf_config)
     dtype = _hf_dtype(hf_config)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -183,14 +174,15 @@ def megatron_to_hf(
     groups = _layer_groups(sharded)
     bar = Progress(len(groups), "megatron->hf", progress)
     for names in groups:
-        part = {name: _load_target(sharded[name], shape.num_layers, dtype) for name in names}
+        stacked = {name for name in names if _is_stacked(sharded[name])}
+        part = {name: _load_target(sharded[name], dtype) for name in names}
         loaded = ckpt.load_sharded({"model": part}, step_dir, partial=True)["model"]
         nbytes = 0
         for name in names:
             megatron_tensor = loaded[name]
-            if hfmap.split_layer(name)[1] is not None:
+            if name in stacked:
                 megatron_tensor = megatron_tensor[0]  # drop the stacked-layer axis of the one-layer slice
-            for hf_name, hf_tensor in hfmap.to_hf(hfmap.canonical_name(name), megatron_tensor, lay):
+            for hf_name, hf_tensor in mapping.to_hf(mapping.canonical_name(name), megatron_tensor):
                 writer.add(hf_name, hf_tensor)
                 nbytes += hf_tensor.numel() * hf_tensor.element_size()
         bar.step(names[0], nbytes)
@@ -199,7 +191,12 @@ def megatron_to_hf(
     return out
 
 
-def _load_target(entry, num_layers: int, dtype: torch.dtype):
+def _is_stacked(entry) -> bool:
+    """Transformer-block layers are stored stacked along a leading layer axis."""
+    return getattr(entry, "prepend_axis_num", 0) > 0 or hasattr(entry, "build_fn")
+
+
+def _load_target(entry, dtype: torch.dtype):
     """An empty tensor to load one entry into.
 
     Layer entries become a one-layer slice [1, ...] of the stacked [num_layers, ...] checkpoint
@@ -210,13 +207,14 @@ def _load_target(entry, num_layers: int, dtype: torch.dtype):
     from megatron.core.dist_checkpointing import ShardedTensor
 
     data = torch.empty(entry.data.shape, dtype=dtype)
-    if getattr(entry, "prepend_axis_num", 0) == 0 and not hasattr(entry, "build_fn"):
+    if not _is_stacked(entry):
         entry.data = data
         return entry
     if hasattr(entry, "build_fn"):  # fc1 factory: its key's offsets live in the built shards
-        layer = entry.build_fn(entry.key, entry.data, entry.replica_id, None)[0].global_offset[0]
+        stacked = entry.build_fn(entry.key, entry.data, entry.replica_id, None)[0]
     else:
-        layer = entry.global_offset[0]
+        stacked = entry
+    layer, num_layers = stacked.global_offset[0], stacked.global_shape[0]
     return ShardedTensor.from_rank_offsets(entry.key, data.unsqueeze(0), (0, layer, num_layers))
 
 

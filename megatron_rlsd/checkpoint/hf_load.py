@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_rlsd.checkpoint import hf_mapping as hfmap
 from megatron_rlsd.checkpoint.safetensors_io import HFWeights
+from megatron_rlsd.models.registry import hf_mapping
 
 
 @torch.no_grad()
@@ -19,15 +19,15 @@ def load_hf_into_stage(model: torch.nn.Module, hf_dir: str | Path, shape) -> Non
     from megatron.core import parallel_state as ps
 
     weights = HFWeights(hf_dir)
-    lay = hfmap.AttentionLayout(shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim)
+    mapping = hf_mapping(shape)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
     offset = ps.get_pipeline_model_parallel_rank() * (shape.num_layers // ps.get_pipeline_model_parallel_world_size())
     for name, param in model.named_parameters():
-        canonical = hfmap.canonical_name(name, offset)
-        if canonical == "output_layer.weight" and shape.tie_word_embeddings:
-            canonical = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
-        full = hfmap.to_megatron(canonical, weights.get, lay)
-        part = hfmap.tp_shard(full, canonical, tp_rank, tp_size)
+        canonical = mapping.canonical_name(name, offset)
+        if canonical == mapping.output_layer and shape.tie_word_embeddings:
+            canonical = mapping.embedding  # the last stage's copy of the tied embedding
+        full = mapping.to_megatron(canonical, weights.get)
+        part = mapping.tp_shard(full, canonical, tp_rank, tp_size)
         if part.shape != param.shape:
             raise ValueError(f"shape mismatch for {canonical}: {hf_dir} gives {tuple(part.shape)}, model has {tuple(param.shape)}")
         param.copy_(part)

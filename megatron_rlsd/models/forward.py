@@ -1,7 +1,8 @@
 """Forward-only passes through Megatron's pipeline schedule (scoring, no gradients).
 
 Batches are right-padded token blocks, so the model's causal mask is all the masking needed:
-padding only ever follows real tokens.
+padding only ever follows real tokens. Multimodal micro-batches also carry `pixel_values`
+(patches of all the batch's images, in order of appearance) and `image_grid_thw`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,18 @@ import torch
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+
+
+VISION_INPUTS = ("pixel_values", "image_grid_thw")
+
+
+def model_inputs(mb: dict) -> tuple[tuple, dict]:
+    """(args, kwargs) for one pipeline stage's forward on micro-batch `mb`."""
+    tokens = mb["tokens"]
+    position_ids = mb.get("position_ids")
+    if position_ids is None:
+        position_ids = position_ids_for(tokens)
+    return (tokens, position_ids, None), {k: mb[k] for k in VISION_INPUTS if mb.get(k) is not None}
 
 
 def forward_only(
@@ -38,8 +51,8 @@ def forward_only(
 
     def step(data_iterator, stage_model):
         mb = next(data_iterator)
-        tokens = mb["tokens"]
-        output = stage_model(tokens, mb.get("position_ids", position_ids_for(tokens)), None)
+        args, kwargs = model_inputs(mb)
+        output = stage_model(*args, **kwargs)
         return output, partial(_collect, compute, mb)
 
     with torch.no_grad():

@@ -83,6 +83,15 @@ class Qwen3Shape:
             )
 
 
+Shape = Qwen3Shape
+
+
+def hf_mapping(shape: Qwen3Shape):
+    from megatron_rlsd.checkpoint.hf_mapping import qwen3_mapping
+
+    return qwen3_mapping(shape)
+
+
 def load_hf_config(hf_dir: str | Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.is_file():

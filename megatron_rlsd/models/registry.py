@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from megatron_rlsd.models import qwen3
+from megatron_rlsd.models import qwen3, qwen3_vl
 
-ARCHITECTURES: dict[str, ModuleType] = {qwen3.ARCHITECTURE: qwen3}
+# Each module provides: ARCHITECTURE, Shape (from_hf_config, check_parallel), transformer_config,
+# build_model, hf_mapping, transformer_engine_available.
+ARCHITECTURES: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (qwen3, qwen3_vl)}
 
 
 def architecture_of(hf_config: dict, source: str = "config.json") -> str:
@@ -22,6 +24,17 @@ def model_module(hf_config: dict, source: str = "config.json") -> ModuleType:
     return ARCHITECTURES[architecture_of(hf_config, source)]
 
 
+def model_shape(hf_config: dict, source: str = "config.json"):
+    """The architecture hyperparameters (a Qwen3Shape or subclass) of `hf_config`."""
+    return model_module(hf_config, source).Shape.from_hf_config(hf_config)
+
+
+def hf_mapping(shape):
+    """The HF <-> Megatron name mapping for a model shape."""
+    module = qwen3_vl if isinstance(shape, qwen3_vl.Qwen3VLShape) else qwen3
+    return module.hf_mapping(shape)
+
+
 def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_weights: bool = True, use_te: bool | None = None):
     """This rank's pipeline stage of the model named by `hf_config`, under the current
     Megatron parallel_state (TP/PP already initialised). Returns (model, shape)."""
@@ -29,7 +42,7 @@ def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_w
     from megatron.core import parallel_state as ps
 
     module = model_module(hf_config)
-    shape = module.Qwen3Shape.from_hf_config(hf_config)
+    shape = module.Shape.from_hf_config(hf_config)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     shape.check_parallel(tp, pp)
     if use_te is None:

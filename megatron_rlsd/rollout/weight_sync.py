@@ -14,34 +14,33 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from megatron_rlsd.checkpoint import hf_mapping as hfmap
+from megatron_rlsd.checkpoint.hf_mapping import ModelMapping, layer_group_key
+from megatron_rlsd.models.registry import hf_mapping
 
 
-def _gather_tp(param: torch.Tensor, canonical: str, tp_group) -> torch.Tensor:
+def _gather_tp(param: torch.Tensor, canonical: str, mapping: ModelMapping, tp_group) -> torch.Tensor:
     """The full (TP1) tensor of one parameter, on every rank of the TP group."""
     world = dist.get_world_size(tp_group)
-    template = hfmap.split_layer(canonical)[0]
-    if world == 1 or template not in hfmap.TP_SPLIT_DIM:
+    dim = mapping.tp_dim(canonical)
+    if world == 1 or dim is None:
         return param.detach()
     shards = [torch.empty_like(param) for _ in range(world)]
     dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
-    if template == hfmap.FC1:
+    if mapping.is_gate_up(canonical):
         # each rank holds [gate_r; up_r]: regroup as [gate_0..gate_n; up_0..up_n]
         halves = [s.chunk(2, dim=0) for s in shards]
         return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-    return torch.cat(shards, dim=hfmap.TP_SPLIT_DIM[template])
+    return torch.cat(shards, dim=dim)
 
 
-def _stage_layers(model, layer_offset: int, tie_word_embeddings: bool, tp_group) -> list[list[tuple[str, torch.Tensor]]]:
+def _stage_layers(model, layer_offset: int, mapping: ModelMapping, tp_group) -> list[list[tuple[str, torch.Tensor]]]:
     """This stage's canonical tensors, TP-merged, grouped per layer (non-layer tensors alone)."""
     groups: dict[str, list] = {}
     for name, param in model.named_parameters():
-        canonical = hfmap.canonical_name(name, layer_offset)
-        if canonical == "output_layer.weight" and tie_word_embeddings:
+        canonical = mapping.canonical_name(name, layer_offset)
+        if canonical == mapping.output_layer and mapping.tie_word_embeddings:
             continue  # the last stage's copy of the tied embedding
-        _, layer = hfmap.split_layer(canonical)
-        key = f"layer{layer}" if layer is not None else canonical
-        groups.setdefault(key, []).append((canonical, _gather_tp(param, canonical, tp_group)))
+        groups.setdefault(layer_group_key(canonical), []).append((canonical, _gather_tp(param, canonical, mapping, tp_group)))
     return list(groups.values())
 
 
@@ -74,20 +73,20 @@ def iter_hf_buckets(model, shape, bucket_bytes: int) -> Iterator[list[tuple[str,
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
     pp_size, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     layers_per_stage = shape.num_layers // pp_size
-    lay = hfmap.AttentionLayout(shape.num_attention_heads, shape.num_key_value_heads, shape.head_dim)
+    mapping = hf_mapping(shape)
     device = next(model.parameters()).device
     pp_ranks = dist.get_process_group_ranks(pp_group)
 
     bucket, size = [], 0
     for stage in range(pp_size):
-        mine = _stage_layers(model, stage * layers_per_stage, shape.tie_word_embeddings, tp_group) if stage == pp_rank else None
+        mine = _stage_layers(model, stage * layers_per_stage, mapping, tp_group) if stage == pp_rank else None
         groups = mine if pp_size == 1 else _broadcast_groups(mine, pp_ranks[stage], pp_group, device)
         for group in groups:
             hf_group = []
             for canonical, tensor in group:
-                hf_group += hfmap.to_hf(canonical, tensor, lay)
-                if canonical == "embedding.word_embeddings.weight" and shape.tie_word_embeddings:
-                    hf_group.append(("lm_head.weight", tensor))  # vLLM keeps its own lm_head
+                hf_group += mapping.to_hf(canonical, tensor)
+                if canonical == mapping.embedding and mapping.tie_word_embeddings:
+                    hf_group.append((mapping.lm_head, tensor))  # vLLM keeps its own lm_head
             nbytes = sum(t.numel() * t.element_size() for _, t in hf_group)
             if bucket and size + nbytes > bucket_bytes:
                 yield bucket

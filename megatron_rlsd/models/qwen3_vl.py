@@ -1,0 +1,505 @@
+"""Qwen3-VL on Megatron-Core, built from a Hugging Face `config.json`.
+
+Qwen3-VL = a ViT (Conv3d patch embedding, learned position table resampled to each image's grid,
+2D rotary, LayerNorm/GELU-tanh blocks with fused QKV) whose patches are merged 2x2 into language
+tokens, plus a Qwen3 decoder with interleaved multimodal RoPE (text, height and width positions
+share the rotary channels round-robin). DeepStack: features taken after some ViT blocks are merged
+the same way and added to the hidden states of image tokens after the first decoder layers.
+
+Layout under parallelism:
+- TP: every linear of the ViT, the mergers and the decoder is column/row parallel (Megatron-Core
+  layers); the patch embedding, position table and norms are replicated.
+- PP: the ViT, the mergers and the decoder layers that receive DeepStack features live on the
+  first stage. Every stage computes the multimodal position ids from token ids and image grids
+  (cheap, integer work), so later stages never touch pixels.
+
+Images are encoded one at a time (attention never crosses images), which needs no attention mask
+and works with the local and the Transformer Engine spec alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_rlsd.models import qwen3
+from megatron_rlsd.platform import Platform
+
+ARCHITECTURE = "Qwen3VLForConditionalGeneration"
+TEXT, IMAGE, VIDEO = 0, 1, 2  # token modality codes, as in HF's mm_token_type_ids
+
+load_hf_config = qwen3.load_hf_config
+transformer_engine_available = qwen3.transformer_engine_available
+
+
+@dataclass(frozen=True)
+class VisionShape:
+    """The ViT hyperparameters read from an HF Qwen3-VL `vision_config`."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-6  # fixed in HF's Qwen3-VL vision blocks and mergers
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> VisionShape:
+        act = cfg.get("hidden_act", "gelu_pytorch_tanh")
+        if act != "gelu_pytorch_tanh":
+            raise ValueError(f"vision_config.hidden_act {act!r} is not supported (Qwen3-VL uses gelu_pytorch_tanh)")
+        rope = cfg.get("rope_parameters") or {}
+        return cls(
+            depth=cfg["depth"],
+            hidden_size=cfg["hidden_size"],
+            num_heads=cfg["num_heads"],
+            intermediate_size=cfg["intermediate_size"],
+            in_channels=cfg.get("in_channels", 3),
+            patch_size=cfg["patch_size"],
+            temporal_patch_size=cfg.get("temporal_patch_size", 2),
+            spatial_merge_size=cfg.get("spatial_merge_size", 2),
+            out_hidden_size=cfg["out_hidden_size"],
+            num_position_embeddings=cfg["num_position_embeddings"],
+            deepstack_visual_indexes=tuple(cfg.get("deepstack_visual_indexes") or ()),
+            rope_theta=float(rope.get("rope_theta", 10000.0)),
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def merged_size(self) -> int:
+        """Width of a 2x2 (spatial_merge_size^2) group of patch features."""
+        return self.hidden_size * self.spatial_merge_size**2
+
+    @property
+    def grid_side(self) -> int:
+        return int(round(self.num_position_embeddings**0.5))
+
+
+@dataclass(frozen=True)
+class Qwen3VLShape(qwen3.Qwen3Shape):
+    """Text decoder fields (inherited, so code written for Qwen3 reads them unchanged) + vision."""
+
+    vision: VisionShape | None = None
+    mrope_section: tuple[int, int, int] = (24, 20, 20)
+    image_token_id: int = -1
+    video_token_id: int = -1
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> Qwen3VLShape:
+        if "text_config" not in cfg or "vision_config" not in cfg:
+            raise ValueError("a Qwen3-VL config.json needs text_config and vision_config")
+        text_cfg = dict(cfg["text_config"])
+        # Older configs put rope settings in rope_scaling + rope_theta; transformers 5 in rope_parameters.
+        rope = dict(text_cfg.get("rope_parameters") or text_cfg.get("rope_scaling") or {})
+        rope.setdefault("rope_theta", text_cfg.get("rope_theta", 5_000_000.0))
+        section = tuple(rope.get("mrope_section") or ())
+        if not rope.get("mrope_interleaved", True):
+            raise ValueError("mrope_interleaved=false is Qwen2-VL's chunked M-RoPE; Qwen3-VL uses the interleaved one")
+        text_cfg["rope_parameters"] = {"rope_type": rope.get("rope_type", "default"), "rope_theta": rope["rope_theta"]}
+        text_cfg.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", False))
+        text = qwen3.Qwen3Shape.from_hf_config(text_cfg)
+        if len(section) != 3 or sum(section) != text.head_dim // 2:
+            raise ValueError(f"mrope_section {list(section)} must have 3 entries summing to head_dim/2={text.head_dim // 2}")
+        vision = VisionShape.from_hf_config(cfg["vision_config"])
+        if vision.out_hidden_size != text.hidden_size:
+            raise ValueError(f"vision out_hidden_size {vision.out_hidden_size} != text hidden_size {text.hidden_size}")
+        if vision.grid_side**2 != vision.num_position_embeddings:
+            raise ValueError(f"vision num_position_embeddings {vision.num_position_embeddings} is not a square")
+        return cls(
+            **dataclasses.asdict(text),
+            vision=vision,
+            mrope_section=section,
+            image_token_id=cfg["image_token_id"],
+            video_token_id=cfg.get("video_token_id", -1),
+        )
+
+    def check_parallel(self, tp: int, pp: int) -> None:
+        super().check_parallel(tp, pp)
+        v = self.vision
+        for what, n in (("vision num_heads", v.num_heads), ("vision intermediate_size", v.intermediate_size),
+                        ("vision merged width (hidden_size * spatial_merge_size^2)", v.merged_size)):  # fmt: skip
+            if n % tp:
+                raise ValueError(f"tensor parallel size {tp} does not divide {what}={n}")
+        first_stage_layers = self.num_layers // pp
+        if len(v.deepstack_visual_indexes) > first_stage_layers:
+            raise ValueError(
+                f"pipeline parallel size {pp} leaves {first_stage_layers} decoder layers on the first stage, but "
+                f"DeepStack feeds {len(v.deepstack_visual_indexes)}; they must all sit with the vision encoder"
+            )
+
+
+Shape = Qwen3VLShape
+
+
+def hf_mapping(shape: Qwen3VLShape):
+    from megatron_rlsd.checkpoint.hf_mapping import qwen3_vl_mapping
+
+    return qwen3_vl_mapping(shape)
+
+
+def transformer_config(shape: Qwen3VLShape, platform: Platform, **kwargs):
+    """The decoder's TransformerConfig (Qwen3's, plus the M-RoPE sections)."""
+    config = qwen3.transformer_config(shape, platform, **kwargs)
+    return dataclasses.replace(config, mrope_section=list(shape.mrope_section))
+
+
+def vision_transformer_config(shape: Qwen3VLShape, text_config):
+    """The ViT's TransformerConfig: same TP, dtype and init as the decoder, never pipelined."""
+    v = shape.vision
+    return dataclasses.replace(
+        text_config,
+        num_layers=v.depth,
+        hidden_size=v.hidden_size,
+        num_attention_heads=v.num_heads,
+        num_query_groups=v.num_heads,
+        kv_channels=v.head_dim,
+        ffn_hidden_size=v.intermediate_size,
+        normalization="LayerNorm",
+        layernorm_epsilon=v.layer_norm_eps,
+        qk_layernorm=False,
+        gated_linear_unit=False,
+        activation_func=_gelu_tanh,
+        add_bias_linear=True,
+        add_qkv_bias=True,
+        bias_activation_fusion=False,
+        pipeline_model_parallel_size=1,
+        mrope_section=None,
+    )
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def vision_layer_spec(use_te: bool):
+    """A pre-norm ViT block: full (bidirectional) attention within one image, biased linears."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    if use_te:
+        from megatron.core.extensions.transformer_engine import (
+            TEDotProductAttention,
+            TELayerNormColumnParallelLinear,
+            TERowParallelLinear,
+        )
+
+        input_norm, pre_mlp_norm = IdentityOp, IdentityOp  # folded into the TE linears
+        qkv, core, proj, fc1, fc2 = (TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear,
+                                     TELayerNormColumnParallelLinear, TERowParallelLinear)  # fmt: skip
+    else:
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        input_norm, pre_mlp_norm = WrappedTorchNorm, WrappedTorchNorm
+        qkv, core, proj, fc1, fc2 = ColumnParallelLinear, DotProductAttention, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=input_norm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.no_mask},
+                submodules=SelfAttentionSubmodules(linear_qkv=qkv, core_attention=core, linear_proj=proj),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=pre_mlp_norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+# ----------------------------------------------------------------------------- position math
+
+
+def vision_patch_positions(t: int, h: int, w: int, merge: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, col) of each patch of one image, in the processor's order: merge x merge blocks
+    row-major, patches row-major inside a block, repeated for each of the t frames."""
+    rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(h // merge, merge, w // merge, merge)
+    cols = torch.arange(w).view(1, 1, w // merge, merge).expand(h // merge, merge, w // merge, merge)
+    rows = rows.permute(0, 2, 1, 3).reshape(-1).repeat(t)
+    cols = cols.permute(0, 2, 1, 3).reshape(-1).repeat(t)
+    return rows, cols
+
+
+def interpolated_position_table(
+    table: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, h: int, w: int, side: int
+) -> torch.Tensor:
+    """The learned side x side position table resampled (bilinear, corners aligned) to an h x w
+    grid, read at the given patch coordinates."""
+
+    def taps(index: torch.Tensor, size: int):
+        src = index.float() * (side - 1) / max(size - 1, 1)
+        lo = src.floor()
+        frac = src - lo
+        lo = lo.long()
+        return lo.clamp(max=side - 1), (lo + 1).clamp(max=side - 1), 1 - frac, frac
+
+    r0, r1, wr0, wr1 = taps(rows, h)
+    c0, c1, wc0, wc1 = taps(cols, w)
+    out = table[r0 * side + c0] * (wr0 * wc0)[:, None]
+    out = out + table[r0 * side + c1] * (wr0 * wc1)[:, None]
+    out = out + table[r1 * side + c0] * (wr1 * wc0)[:, None]
+    return out + table[r1 * side + c1] * (wr1 * wc1)[:, None]
+
+
+def mrope_position_ids(tokens: torch.Tensor, image_grid_thw: torch.Tensor | None, shape: Qwen3VLShape) -> torch.Tensor:
+    """[3, b, s] (temporal, height, width) positions for right-padded token rows.
+
+    Text advances all three by one per token. An image's merged tokens take t/h/w grid positions
+    offset by the running position; the text after it resumes at offset + max(h, w) / merge.
+    Images are consumed from `image_grid_thw` in order of appearance, row by row.
+    """
+    merge = shape.vision.spatial_merge_size
+    grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
+    rows = []
+    for row in tokens.tolist():
+        pieces, pos, i = [], 0, 0
+        while i < len(row):
+            if row[i] == shape.image_token_id:
+                t, h, w = next(grids)
+                gh, gw = h // merge, w // merge
+                tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw).reshape(-1)
+                hh = torch.arange(gh).view(1, gh, 1).expand(t, gh, gw).reshape(-1)
+                ww = torch.arange(gw).view(1, 1, gw).expand(t, gh, gw).reshape(-1)
+                pieces.append(torch.stack([tt, hh, ww]) + pos)
+                i += t * gh * gw
+                pos += max(gh, gw)
+            else:
+                j = i
+                while j < len(row) and row[j] != shape.image_token_id:
+                    j += 1
+                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+                pos += j - i
+                i = j
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(rows, dim=1).to(tokens.device)
+
+
+class InterleavedMRotaryEmbedding(torch.nn.Module):
+    """Qwen3-VL's interleaved M-RoPE as Megatron rotary frequencies [s, b, 1, head_dim].
+
+    Rotary channel j (of head_dim/2) takes its position from height if j % 3 == 1 and
+    j < 3 * sections[1], from width if j % 3 == 2 and j < 3 * sections[2], else from time.
+    Drop-in for GPTModel's `rotary_pos_emb` when built with position_embedding_type="mrope".
+    """
+
+    def __init__(self, head_dim: int, base: float, sections: tuple[int, int, int]):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        axis = torch.zeros(head_dim // 2, dtype=torch.long)
+        for a in (1, 2):
+            axis[a : 3 * sections[a] : 3] = a
+        self.register_buffer("axis", axis, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, mrope_section=None, cp_group=None) -> torch.Tensor:
+        if position_ids.dim() == 2:  # text only: the three axes coincide
+            position_ids = position_ids.unsqueeze(0).expand(3, -1, -1)
+        inv_freq = self.inv_freq.to(position_ids.device)
+        freqs = position_ids[..., None].float() * inv_freq  # [3, b, s, d/2]
+        axis = self.axis.to(position_ids.device).view(1, 1, 1, -1).expand(1, *freqs.shape[1:])
+        freqs = freqs.gather(0, axis)[0]  # [b, s, d/2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.transpose(0, 1).unsqueeze(2).contiguous()
+
+
+def vision_rotary_freqs(rows: torch.Tensor, cols: torch.Tensor, v: VisionShape) -> torch.Tensor:
+    """2D rotary for ViT patches: half the channels rotate with the row, half with the column."""
+    quarter = v.head_dim // 2
+    inv_freq = 1.0 / (v.rope_theta ** (torch.arange(0, quarter, 2, dtype=torch.float32) / quarter))
+    half = torch.cat([rows[:, None].float() * inv_freq, cols[:, None].float() * inv_freq], dim=-1)
+    return torch.cat([half, half], dim=-1)[:, None, None, :]  # [patches, 1, 1, head_dim]
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class _ShardedModuleList(torch.nn.ModuleList):
+    """A ModuleList whose items keep their own (TP-aware) sharded_state_dict; a plain ModuleList
+    would be checkpointed as replicated tensors."""
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        out = {}
+        for i, module in enumerate(self):
+            out.update(module.sharded_state_dict(f"{prefix}{i}.", sharded_offsets, metadata))
+        return out
+
+
+def _make_megatron_module():
+    from megatron.core.transformer.module import MegatronModule
+
+    return MegatronModule
+
+
+class PatchMerger(_make_megatron_module()):
+    """LayerNorm -> concat merge x merge patches -> Linear -> GELU -> Linear (TP column/row).
+
+    The main merger normalises each patch before concatenation; DeepStack mergers normalise the
+    concatenated group ("post-shuffle")."""
+
+    def __init__(self, config, v: VisionShape, out_size: int, postshuffle: bool):
+        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+        super().__init__(config=config)
+        self.postshuffle, self.width = postshuffle, v.merged_size
+        self.norm = torch.nn.LayerNorm(v.merged_size if postshuffle else v.hidden_size, eps=v.layer_norm_eps,
+                                       dtype=config.params_dtype)  # fmt: skip
+        init = config.init_method
+        self.linear_fc1 = ColumnParallelLinear(v.merged_size, v.merged_size, config=config, init_method=init,
+                                               bias=True, gather_output=False)  # fmt: skip
+        self.linear_fc2 = RowParallelLinear(v.merged_size, out_size, config=config, init_method=init, bias=True,
+                                            input_is_parallel=True, skip_bias_add=False)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x.reshape(-1, self.width)) if self.postshuffle else self.norm(x).reshape(-1, self.width)
+        x, _ = self.linear_fc1(x)
+        x, _ = self.linear_fc2(F.gelu(x))  # exact GELU here, tanh-GELU in the blocks (as in HF)
+        return x
+
+
+class VisionEncoder(_make_megatron_module()):
+    """Pixels of several images -> merged image-token embeddings + DeepStack features."""
+
+    def __init__(self, config, v: VisionShape, out_size: int, use_te: bool):
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        super().__init__(config=config)
+        self.v = v
+        kernel = (v.temporal_patch_size, v.patch_size, v.patch_size)
+        self.patch_embed = torch.nn.Module()
+        self.patch_embed.proj = torch.nn.Conv3d(v.in_channels, v.hidden_size, kernel, stride=kernel, bias=True,
+                                                dtype=config.params_dtype)  # fmt: skip
+        self.pos_embed = torch.nn.Embedding(v.num_position_embeddings, v.hidden_size, dtype=config.params_dtype)
+        # The block is a container here (forward walks its layers, to read DeepStack taps).
+        self.decoder = TransformerBlock(config, vision_layer_spec(use_te), post_layer_norm=False)
+        self.merger = PatchMerger(config, v, out_size, postshuffle=False)
+        self.deepstack_mergers = _ShardedModuleList(
+            PatchMerger(config, v, out_size, postshuffle=True) for _ in v.deepstack_visual_indexes
+        )
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        v = self.v
+        dtype = self.patch_embed.proj.weight.dtype
+        patches = pixel_values.to(dtype).view(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+        embedded = self.patch_embed.proj(patches).view(-1, v.hidden_size)
+        merged, deep = [], [[] for _ in v.deepstack_visual_indexes]
+        start = 0
+        for t, h, w in grid_thw.tolist():
+            n = t * h * w
+            rows, cols = vision_patch_positions(t, h, w, v.spatial_merge_size)
+            rows, cols = rows.to(embedded.device), cols.to(embedded.device)
+            x = embedded[start : start + n] + interpolated_position_table(
+                self.pos_embed.weight, rows, cols, h, w, v.grid_side
+            ).to(dtype)
+            start += n
+            rotary = vision_rotary_freqs(rows, cols, v).to(embedded.device)
+            x = x.unsqueeze(1)  # [patches, batch=1, hidden], Megatron's [s, b, h]
+            for index, layer in enumerate(self.decoder.layers):
+                x, _ = layer(x, attention_mask=None, rotary_pos_emb=rotary)
+                if index in v.deepstack_visual_indexes:
+                    j = v.deepstack_visual_indexes.index(index)
+                    deep[j].append(self.deepstack_mergers[j](x[:, 0]))
+            merged.append(self.merger(x[:, 0]))
+        return torch.cat(merged), [torch.cat(d) for d in deep]
+
+
+class Qwen3VLModel(_make_megatron_module()):
+    """One pipeline stage of Qwen3-VL: [ViT + mergers on the first stage] + a GPTModel decoder.
+
+    forward(input_ids [b, s], position_ids (ignored: M-RoPE ids are derived from input_ids and
+    image_grid_thw), attention_mask, pixel_values=None, image_grid_thw=None) -> vocab-parallel
+    logits [b, s, V/tp] on the last stage, hidden states elsewhere.
+    """
+
+    def __init__(self, shape: Qwen3VLShape, config, *, pre_process: bool, post_process: bool, use_te: bool,
+                 vp_stage: int | None = None):  # fmt: skip
+        from megatron.core.models.gpt import GPTModel
+
+        super().__init__(config=config)
+        self.shape = shape
+        self.pre_process, self.post_process = pre_process, post_process
+        self.language_model = GPTModel(
+            config=config,
+            transformer_layer_spec=qwen3.layer_spec(use_te),
+            vocab_size=shape.vocab_size,
+            max_sequence_length=shape.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=shape.tie_word_embeddings,
+            position_embedding_type="mrope",
+            rotary_base=int(shape.rope_theta),
+            vp_stage=vp_stage,
+        )
+        # Megatron-Core's M-RoPE is Qwen2-VL's chunked layout; Qwen3-VL interleaves the axes.
+        self.language_model.rotary_pos_emb = InterleavedMRotaryEmbedding(shape.head_dim, shape.rope_theta,
+                                                                         shape.mrope_section)  # fmt: skip
+        self.model_type = self.language_model.model_type  # read by Megatron's pipeline schedules
+        self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
+        self.vision_model = None
+        self._deepstack: tuple | None = None
+        if pre_process:
+            self.vision_model = VisionEncoder(vision_transformer_config(shape, config), shape.vision, shape.hidden_size, use_te)
+            for j in range(len(shape.vision.deepstack_visual_indexes)):
+                self.language_model.decoder.layers[j].register_forward_hook(self._add_deepstack(j))
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def _add_deepstack(self, j: int):
+        def hook(module, args, output):
+            if self._deepstack is None:
+                return output
+            (s_idx, b_idx), features = self._deepstack
+            hidden, context = output
+            return hidden.index_put((s_idx, b_idx), features[j].to(hidden.dtype), accumulate=True), context
+
+        return hook
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                labels=None, **kwargs):  # fmt: skip
+        position_ids = mrope_position_ids(input_ids, image_grid_thw, self.shape)
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+            if pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
+                b_idx, s_idx = (input_ids == self.shape.image_token_id).nonzero(as_tuple=True)  # row-major = image order
+                image_embeds, deep = self.vision_model(pixel_values, image_grid_thw)
+                if image_embeds.shape[0] != s_idx.numel():
+                    raise ValueError(f"{s_idx.numel()} image tokens in the batch but the images give {image_embeds.shape[0]}")
+                decoder_input = decoder_input.index_put((s_idx, b_idx), image_embeds.to(decoder_input.dtype))
+                self._deepstack = ((s_idx, b_idx), deep)
+        try:
+            return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
+                                       labels=labels, **kwargs)  # fmt: skip
+        finally:
+            self._deepstack = None
+
+
+def build_model(shape: Qwen3VLShape, config, *, pre_process: bool, post_process: bool, use_te: bool,
+                vp_stage: int | None = None):  # fmt: skip
+    return Qwen3VLModel(shape, config, pre_process=pre_process, post_process=post_process, use_te=use_te, vp_stage=vp_stage)
+
