@@ -15,12 +15,18 @@ reason                 cause
 ``bad_images``         images not a string or a list of strings (or of
                        ``{"path": str}`` objects as written by HF datasets)
 ``too_long``           problem longer than ``max_problem_chars``
+``missing_image``      (``check_images=True``) a local image file that does
+                       not exist
+``undecodable_image``  (``check_images=True``) a local image file that PIL
+                       cannot open / ``verify()`` (truncated, not an image)
 =====================  =====================================================
 
 Numeric answers become strings (``7`` -> ``"7"``, ``8.0`` -> ``"8"``,
 ``2.5`` -> ``"2.5"``).  Ids default to ``"<file stem>:<n>"`` where ``n`` is the 1-based line number
 (JSONL) or the 0-based row index (parquet).  Relative image paths are
-resolved against the data file's folder.
+resolved against the data file's folder.  With ``check_images=True`` every
+local image is checked once per distinct path (exists, ``PIL.Image.open``
++ ``verify()``: reads the file, decodes no pixels); URLs are not checked.
 """
 
 from __future__ import annotations
@@ -120,17 +126,37 @@ def _images_field(record: Mapping, column: str, base: Path) -> list[str]:
     return images
 
 
+def _check_image(image: str) -> str | None:
+    """``None`` if a local image file exists and PIL can verify it, else the skip reason."""
+    if "://" in image:
+        return None  # a URL: not checked at load time
+    if not os.path.isfile(image):
+        return "missing_image"
+    from PIL import Image
+
+    try:
+        with Image.open(image) as img:
+            img.verify()
+    except Exception:  # PIL raises many types (UnidentifiedImageError, SyntaxError, OSError, ...)
+        return "undecodable_image"
+    return None
+
+
 def load_prompt_rows(
     path: str | os.PathLike,
     *,
     max_problem_chars: int | None = None,
     columns: Mapping[str, str] | None = None,
+    check_images: bool = False,
 ) -> tuple[list[PromptRow], collections.Counter]:
     """Read prompt rows from ``.jsonl`` or ``.parquet``; returns ``(rows, skipped)``.
 
     ``columns`` maps our field names to the file's, e.g. ``{"problem": "question"}``.
     ``skipped`` counts skipped rows per reason (see the module docstring); the
     first few skipped rows of each reason are logged with their id / line.
+    ``check_images`` skips rows whose local image files are missing or not
+    decodable (``missing_image`` / ``undecodable_image``), one cheap
+    ``verify()`` per distinct path.
 
     Raises FileNotFoundError for a missing file, ValueError for an unknown
     extension, a bad ``columns`` mapping, or a file without a single usable row.
@@ -154,6 +180,7 @@ def load_prompt_rows(
     rows: list[PromptRow] = []
     skipped: collections.Counter = collections.Counter()
     base = path.parent
+    image_status: dict[str, str | None] = {}  # path -> skip reason or None (checked once per path)
     for n, record in records:
         default_id = f"{path.stem}:{n}"
         row_id = default_id
@@ -170,6 +197,12 @@ def load_prompt_rows(
             if max_problem_chars is not None and len(problem) > max_problem_chars:
                 raise _SkipRow("too_long")
             images = _images_field(record, mapping["images"], base)
+            if check_images:
+                for image in images:
+                    if image not in image_status:
+                        image_status[image] = _check_image(image)
+                    if image_status[image] is not None:
+                        raise _SkipRow(image_status[image])
         except _SkipRow as skip:
             skipped[skip.reason] += 1
             if skipped[skip.reason] <= _LOG_FIRST:
