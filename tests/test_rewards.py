@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 
@@ -249,6 +251,23 @@ def test_crashing_or_silent_workers_fall_back(monkeypatch):
             assert result == (False, "unparseable") and seconds < 2.0
         assert verifier._disabled
         assert check_answer("2", "2.0", verifier=verifier) == (True, "ok")  # fast paths still work
+    finally:
+        verifier.close()
+
+
+def test_workers_leave_stop_signals_to_the_trainer():
+    """Slurm and terminals signal the whole process group; the trainer checkpoints on SIGTERM /
+    SIGUSR1 and still needs its verifier for the step it is finishing."""
+    verifier = MathVerifier(max_workers=1)
+    try:
+        assert verifier.warmup()
+        worker = verifier._idle[0]
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            os.kill(worker.proc.pid, sig)
+        time.sleep(0.5)
+        assert worker.proc.poll() is None
+        assert check_answer("2y", "y+y", verifier=verifier) == (True, "ok")
+        assert verifier._idle == [worker] and verifier.stats["worker_error"] == 0
     finally:
         verifier.close()
 

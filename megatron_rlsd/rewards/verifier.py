@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -215,6 +216,10 @@ def _limit_memory(headroom_mb: int) -> None:
 
 def _worker_main() -> None:  # pragma: no cover - runs in the child process
     """Serve JSON-line requests ``{"p": pred, "g": gold}`` on stdin until EOF."""
+    # Stop signals are the trainer's to act on (Slurm and terminals signal the whole process
+    # group): it finishes the step, checkpoints, and closes our stdin; or we see it die.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # anything printed by libraries goes to stderr, not the protocol
     sys.stdout = sys.stderr
