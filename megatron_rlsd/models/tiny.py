@@ -174,12 +174,14 @@ def default_corpus() -> list[str]:
     return texts
 
 
-def build_tiny_tokenizer(corpus: Iterable[str] | None = None):
+def build_tiny_tokenizer(corpus: Iterable[str] | None = None, *, extra_special_tokens: Sequence[str] = ()):
     """Train a deterministic byte-level BPE tokenizer and wrap it for HF.
 
     Returns a ``transformers.PreTrainedTokenizerFast`` with the Qwen special
     tokens at ids 0 (``<|endoftext|>``), 1 (``<|im_start|>``) and 2
-    (``<|im_end|>``) and the ChatML chat template.
+    (``<|im_end|>``) and the ChatML chat template.  ``extra_special_tokens``
+    (e.g. Qwen3-VL's ``<|vision_start|>``) are appended after the trained
+    vocabulary, in order, as special tokens that never split.
     """
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, processors, trainers
@@ -214,6 +216,11 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None):
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, (t, tok.token_to_id(t))
+    if extra_special_tokens:
+        extra = list(extra_special_tokens)
+        if len(set(extra)) != len(extra) or set(extra) & set(SPECIAL_TOKENS):
+            raise ValueError(f"extra_special_tokens must be new and distinct, got {extra}")
+        tok.add_special_tokens(extra)
 
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -363,7 +370,7 @@ def build_tiny_qwen3(
     return out
 
 
-def _make_tokenizer_config_portable(path: pathlib.Path) -> None:
+def _make_tokenizer_config_portable(path: pathlib.Path, extra_special_tokens: Sequence[str] = ()) -> None:
     # transformers 5 records its internal class name ("TokenizersBackend"),
     # which transformers 4.x cannot resolve; "PreTrainedTokenizerFast" loads
     # tokenizer.json in both major versions (v5 aliases it).  <|im_start|> is
@@ -372,7 +379,7 @@ def _make_tokenizer_config_portable(path: pathlib.Path) -> None:
     cfg = json.loads(path.read_text(encoding="utf-8"))
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
     cfg.pop("extra_special_tokens", None)
-    cfg["additional_special_tokens"] = [IM_START]
+    cfg["additional_special_tokens"] = [IM_START, *extra_special_tokens]
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -404,7 +411,7 @@ def summarize_checkpoint(path: str | os.PathLike) -> dict:
     return {
         "path": str(path),
         "params": n_params,
-        "vocab_size": cfg["vocab_size"],
+        "vocab_size": cfg["vocab_size"] if "vocab_size" in cfg else cfg["text_config"]["vocab_size"],  # VL: nested
         "tokenizer_len": tok_len,
         "tied": bool(cfg.get("tie_word_embeddings", False)),
     }

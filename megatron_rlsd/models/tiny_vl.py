@@ -1,0 +1,248 @@
+"""Build a tiny, fully local Qwen3-VL checkpoint for tests and smoke runs.
+
+:func:`build_tiny_qwen3_vl` writes a regular Hugging Face folder that
+``transformers`` (``AutoProcessor``, ``Qwen3VLForConditionalGeneration``) and
+vLLM load offline:
+
+* ``config.json`` (``Qwen3VLForConditionalGeneration``): a tiny Qwen3 text
+  model with interleaved M-RoPE and a tiny Qwen3-VL vision tower (patch
+  embedding, learned position grid, deepstack mergers).
+* ``model.safetensors``: random weights from a private ``torch.Generator``
+  (the global RNG is untouched), so the same arguments give identical files.
+* The tiny BPE tokenizer of :mod:`megatron_rlsd.models.tiny` plus Qwen3-VL's
+  vision special tokens, and a ChatML chat template that renders an image part
+  as ``<|vision_start|><|image_pad|><|vision_end|>`` like Qwen3-VL's; the
+  processor expands the single ``<|image_pad|>`` to one token per merged patch.
+* Processor configs (``Qwen3VLProcessor`` with the Qwen2-VL image processor and
+  the Qwen3-VL video processor) with a small pixel budget, so test images of a
+  few dozen pixels give a handful of image tokens.  These are the
+  torchvision-backed processors, as vLLM's Qwen3-VL uses; on CPU machines
+  tools/setup_env.sh makes PyPI's torchvision importable for them.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+from megatron_rlsd.models import tiny
+
+__all__ = ["VISION_SPECIAL_TOKENS", "VL_CHAT_TEMPLATE", "build_tiny_qwen3_vl"]
+
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
+# Appended after the trained vocabulary, in this order (Qwen3-VL's own order).
+VISION_SPECIAL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
+
+# ChatML as in tiny.CHAT_TEMPLATE; list content may also hold image/video parts, told apart and
+# rendered as Qwen3-VL's template does (an "image"/"image_url" key or type "image").
+VL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if 'image' in part or 'image_url' in part or part.type == 'image' -%}"
+    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
+    "{%- elif 'video' in part or part.type == 'video' -%}"
+    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
+    "{%- elif 'text' in part -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+
+def build_tiny_qwen3_vl(
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    num_layers: int = 4,
+    hidden_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    intermediate_size: int = 256,
+    mrope_section: Sequence[int] | None = None,
+    vision_depth: int = 2,
+    vision_hidden_size: int = 64,
+    vision_num_heads: int = 2,
+    vision_intermediate_size: int = 128,
+    patch_size: int = 16,
+    spatial_merge_size: int = 2,
+    temporal_patch_size: int = 2,
+    num_position_embeddings: int = 64,
+    deepstack_visual_indexes: Sequence[int] = (0, 1),
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 128 * 128,
+    vision_init_std: float = 0.05,
+    tie_word_embeddings: bool = False,
+    vocab_size: int | None = None,
+) -> pathlib.Path:
+    """Write a tiny random Qwen3-VL HF checkpoint (model, tokenizer, processor) to ``out_dir``.
+
+    ``mrope_section`` (temporal, height, width rotary pairs) must sum to ``head_dim // 2``; by
+    default it keeps Qwen3-VL's 24:20:20 split (``[6, 5, 5]`` for ``head_dim`` 32);
+    ``num_position_embeddings`` must be a square (the vision tower's learned position grid);
+    ``min_pixels`` / ``max_pixels`` bound the resized image area, which is then a multiple of
+    ``(patch_size * spatial_merge_size) ** 2``: an image gives
+    ``resized_pixels / (patch_size * spatial_merge_size) ** 2`` image tokens.
+    ``vision_init_std`` is larger than the text std so that images move the log-probs clearly.
+    Returns ``out_dir`` as a :class:`pathlib.Path`.
+    """
+    tiny._validate(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if mrope_section is None:
+        hw = (head_dim // 2) * 5 // 16
+        mrope_section = (head_dim // 2 - 2 * hw, hw, hw)
+    if sum(mrope_section) != head_dim // 2:
+        raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim // 2 = {head_dim // 2}")
+    if vision_hidden_size % vision_num_heads:
+        raise ValueError("vision_hidden_size must be divisible by vision_num_heads")
+    side = round(num_position_embeddings**0.5)
+    if side * side != num_position_embeddings:
+        raise ValueError(f"num_position_embeddings must be a square, got {num_position_embeddings}")
+    if len(deepstack_visual_indexes) and max(deepstack_visual_indexes) >= vision_depth:
+        raise ValueError("deepstack_visual_indexes must index vision blocks (< vision_depth)")
+    # deepstack features are added to the first len(deepstack_visual_indexes) text layers
+    if len(deepstack_visual_indexes) > num_layers:
+        raise ValueError("more deepstack_visual_indexes than text layers")
+
+    import torch
+    from transformers import (
+        GenerationConfig,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+    )
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
+        Qwen2VLImageProcessor,
+    )
+    from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = tiny.build_tiny_tokenizer(extra_special_tokens=VISION_SPECIAL_TOKENS)
+    tokenizer.chat_template = VL_CHAT_TEMPLATE
+    tok_len = len(tokenizer)
+    vocab = tiny._padded_vocab(tok_len, vocab_size)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (tiny.PAD_TOKEN, tiny.IM_END, *VISION_SPECIAL_TOKENS)}
+    pad_id, eos_id = ids[tiny.PAD_TOKEN], ids[tiny.IM_END]
+
+    config = Qwen3VLConfig(
+        architectures=["Qwen3VLForConditionalGeneration"],
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            hidden_act="silu",
+            max_position_embeddings=4096,
+            initializer_range=0.02,
+            rms_norm_eps=1e-6,
+            # Qwen3-VL's interleaved multimodal RoPE: rotary pairs split over (t, h, w) positions
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 5000000.0,
+                "mrope_section": list(mrope_section),
+                "mrope_interleaved": True,
+            },
+            attention_bias=False,
+            bos_token_id=pad_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            dtype="float32",
+        ),
+        vision_config=dict(
+            depth=vision_depth,
+            hidden_size=vision_hidden_size,
+            hidden_act="gelu_pytorch_tanh",
+            intermediate_size=vision_intermediate_size,
+            num_heads=vision_num_heads,
+            in_channels=3,
+            patch_size=patch_size,
+            spatial_merge_size=spatial_merge_size,
+            temporal_patch_size=temporal_patch_size,
+            out_hidden_size=hidden_size,
+            num_position_embeddings=num_position_embeddings,
+            deepstack_visual_indexes=list(deepstack_visual_indexes),
+            initializer_range=0.02,
+        ),
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=bool(tie_word_embeddings),
+        bos_token_id=pad_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype="float32",
+    )
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config)
+    model = model.to(torch.float32).eval()
+
+    # Overwrite every parameter from a private generator (independent of transformers' init):
+    # matrices ~ N(0, std), biases ~ N(0, std) so that bias loading is exercised too, norm weights 1.
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        params = dict(model.named_parameters())  # tied weights appear once
+        for name in sorted(params):
+            p = params[name]
+            std = vision_init_std if ".visual." in f".{name}" else 0.02
+            is_norm = "norm" in name.rsplit(".", 2)[-2]
+            if p.dim() == 1 and is_norm and name.endswith("weight"):
+                p.fill_(1.0)
+            elif p.dim() == 1 and is_norm:
+                p.zero_()  # LayerNorm bias
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+        # rows past the tokenizer are never fed in; zero so the random model never emits them
+        if vocab > tok_len:
+            model.get_input_embeddings().weight[tok_len:].zero_()
+            model.get_output_embeddings().weight[tok_len:].zero_()
+    model.generation_config = GenerationConfig(
+        bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
+    )
+
+    # The processors: image/video patches of patch_size, merged spatial_merge_size^2 -> 1 token.
+    # Qwen3-VL normalizes with mean = std = 0.5.
+    common = dict(
+        patch_size=patch_size,
+        temporal_patch_size=temporal_patch_size,
+        merge_size=spatial_merge_size,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **common
+    )
+    video_processor = Qwen3VLVideoProcessor(
+        # cap_pixels_per_frame: the reference (qwen-vl-utils) behaviour, transformers' default from 5.22
+        size={"shortest_edge": min_pixels, "longest_edge": max_pixels * 4}, cap_pixels_per_frame=True, **common
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=VL_CHAT_TEMPLATE,
+    )
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    tiny._make_tokenizer_config_portable(out / "tokenizer_config.json", VISION_SPECIAL_TOKENS)
+    return out
