@@ -40,6 +40,8 @@ class ModelConfig:
     tiny_hidden: int = 128
     tiny_heads: int = 4
     tiny_kv_heads: int = 2
+    tiny_vision: bool = False
+    """With build_tiny: a tiny Qwen3-VL (vision tower, processor) instead of a text Qwen3."""
 
 
 @dataclass
@@ -47,7 +49,9 @@ class DataConfig:
     train_file: str = ""
     """JSONL or parquet rows {id, problem, answer[, images]}."""
     synthetic_task: str = ""
-    """If set (e.g. "add"), generate `synthetic_rows` rows of this task into `train_file`."""
+    """If set, generate `synthetic_rows` rows of this task into `train_file`: add | max | copy
+    (text), or shapes (images of coloured shapes: count_color | count_shape | largest_color in
+    turn; each also works alone), written beside `train_file` in images/."""
     synthetic_rows: int = 2000
     synthetic_max_operand: int = 9
     student_template: str = ""
@@ -55,6 +59,9 @@ class DataConfig:
     teacher_template: str = ""
     """Path to a teacher template with {problem} and {answer}; empty: the built-in default."""
     max_prompt_tokens: int = 4096
+    check_images: bool = False
+    """Open every referenced image at start-up; rows with a missing or undecodable one are
+    skipped and counted (missing_image / undecodable_image) instead of failing mid-run."""
     seed: int = 1234
 
 
@@ -131,6 +138,19 @@ class TrainerConfig:
     in a row the run stops, leaving the last good checkpoint as it was."""
     inject_nan_at_steps: str = ""
     """Fault injection for tests: comma-separated step numbers whose loss is made NaN."""
+    inject_crash_in_save_at_step: int = 0
+    """Fault injection for tests: while saving the checkpoint of this step, every rank SIGKILLs
+    itself after the shards are written and before the checkpoint is published (a job losing its
+    nodes mid-save). 0: off."""
+    resume: str = "auto"
+    """auto: continue from OUTPUT/checkpoints/latest when there is one, else start fresh.
+    require: the same, but a missing checkpoint is a config error (a resubmitted job must resume).
+    never: start fresh from the model's initial weights.
+    A run that starts fresh where a previous run left outputs (checkpoints/, metrics.jsonl,
+    tensorboard/, config.json, markers) moves them, never deleting them, into
+    OUTPUT/previous-<timestamp>/. A requeued job (Slurm) reruns its config, so do not leave
+    `never` in a job that may be requeued: every restart would start over.
+    Resuming checks the checkpoint's config: see RESUME_MUST_MATCH."""
 
 
 @dataclass
@@ -245,6 +265,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.opsd_divergence must be jsd, forward_kl or reverse_kl, got {a.opsd_divergence!r}")
     if a.dual_clip and a.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip must be > 1 (or 0 to disable), got {a.dual_clip}")
+    if t.resume not in RESUME_MODES:
+        raise ConfigError(f"trainer.resume must be one of {', '.join(RESUME_MODES)}, got {t.resume!r}")
+    if t.inject_crash_in_save_at_step < 0:
+        raise ConfigError("trainer.inject_crash_in_save_at_step must be >= 0 (0: off)")
     if t.steps < 1 or t.prompts_per_step < 1 or t.micro_batch_size < 1 or t.keep_checkpoints < 1:
         raise ConfigError("trainer.steps, prompts_per_step, micro_batch_size and keep_checkpoints must be >= 1")
     if cfg.model.params_dtype not in ("float32", "bfloat16"):
@@ -277,7 +301,7 @@ def check_model_fits(cfg: Config, world_size: int) -> None:
         hf_cfg_path = Path(cfg.model.hf_dir) / "config.json"
         if hf_cfg_path.is_file():
             hf_cfg = json.loads(hf_cfg_path.read_text())
-            shape = model_module(hf_cfg).Qwen3Shape.from_hf_config(hf_cfg)
+            shape = model_module(hf_cfg).Shape.from_hf_config(hf_cfg)
             shape.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
@@ -290,3 +314,127 @@ def check_model_fits(cfg: Config, world_size: int) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------- resuming
+RESUME_MODES = ("auto", "require", "never")
+
+RESUME_MUST_MATCH: tuple[str, ...] = (
+    # what is trained: the architecture (the HF config.json of model.hf_dir, compared key by key
+    # with the checkpoint's hf/config.json, wherever the folder now lives) and its precision
+    "model.params_dtype",
+    # on what: the dataset, its order and the prompts built from it (max_prompt_tokens decides
+    # which rows are usable, so it changes the sampler's dataset). data.synthetic_* only matter
+    # while the file is generated; the sampler also refuses a different row count.
+    "data.train_file",
+    "data.seed",
+    "data.student_template",
+    "data.teacher_template",
+    "data.max_prompt_tokens",
+    # how responses are sampled, scored and turned into a loss
+    "rollout.group_size",
+    "rollout.temperature",
+    "rollout.top_p",
+    "rollout.truncated_is_cap",
+    "reward.accuracy_weight",
+    "reward.format_bonus",
+    "algorithm.*",
+    "trainer.seed",  # rollout seeds derive from (trainer.seed, step, sample)
+    "trainer.prompts_per_step",
+)
+"""Fields that define a run: resuming with any of them changed is refused (one config error line
+naming the field, the checkpoint's value and the new one). To change one, start a new run in
+another trainer.output_dir (model.init_checkpoint=OUTPUT/checkpoints starts it from these weights).
+
+Everything else may change on resume, and each change is logged (`resume: FIELD OLD -> NEW`):
+- parallel.*: checkpoints reshard to any TP/PP/world size (RNG states are then re-seeded
+  rather than restored, as in Megatron-LM);
+- optim.*: lr / weight decay / betas / grad_clip take effect from the resumed step (e.g. a lower
+  lr after a spike); the optimizer's moments and step count are restored;
+- rollout.max_new_tokens (a response-length curriculum) and the engine's resources
+  (vllm_tensor_parallel_size, kv_cache_mb, gpu_memory_utilization, weight_bucket_mb);
+- reward.timeout_s, trainer.micro_batch_size (memory only);
+- bookkeeping: trainer.steps, save_interval, keep_checkpoints, output_dir, tensorboard,
+  max_consecutive_nonfinite, resume, inject_*;
+- what only matters for a fresh start: model.hf_dir's path, model.init_checkpoint,
+  model.build_tiny / tiny_*, data.synthetic_*, trainer.warmup_sft_*."""
+
+_PATH_FIELDS = {"data.train_file", "data.student_template", "data.teacher_template"}
+# HF config.json keys that do not describe the architecture
+_HF_CONFIG_NOISE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
+
+
+def resume_step_dir(cfg: Config) -> Path | None:
+    """The checkpoint (step directory) this run will resume from, per `trainer.resume`."""
+    from megatron_rlsd.checkpoint import dist as ckpt
+
+    if cfg.trainer.resume == "never":
+        return None
+    root = ckpt.checkpoint_root(cfg.trainer.output_dir)
+    try:
+        step_dir = ckpt.latest_step_dir(root)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{e}; fix {root / ckpt.LATEST} or set trainer.resume=never to start over") from None
+    if step_dir is None and cfg.trainer.resume == "require":
+        raise ConfigError(f"trainer.resume=require but {root} holds no checkpoint (no '{ckpt.LATEST}' file)")
+    return step_dir
+
+
+def check_resume(cfg: Config) -> list[str]:
+    """Compare this config with the one the checkpoint to resume was written with.
+
+    Raises ConfigError (one line) when a RESUME_MUST_MATCH field or the model architecture
+    differs; returns one note per other field that changed. Nothing to resume: no notes."""
+    import json
+
+    from megatron_rlsd.checkpoint import dist as ckpt
+
+    step_dir = resume_step_dir(cfg)
+    if step_dir is None:
+        return []
+    saved_path = step_dir / ckpt.TRAIN_CONFIG
+    if not saved_path.is_file():
+        return [f"resume: {step_dir} has no {ckpt.TRAIN_CONFIG} (an older checkpoint); config compatibility not checked"]
+    saved, now = _flatten(json.loads(saved_path.read_text())), _flatten(to_dict(cfg))
+    fix = (f"keep the saved value, or start a new run (another trainer.output_dir or trainer.resume=never; "
+           f"model.init_checkpoint={step_dir.parent} starts it from these weights)")  # fmt: skip
+    notes = []
+    for key in sorted(set(saved) & set(now)):
+        old, new = saved[key], now[key]
+        if _same(key, old, new):
+            continue
+        section = key.split(".")[0]
+        if key in RESUME_MUST_MATCH or f"{section}.*" in RESUME_MUST_MATCH:
+            raise ConfigError(f"cannot resume {step_dir}: {key}={new!r} but the checkpoint was written with {key}={old!r}; {fix}")
+        notes.append(f"resume: {key} {old!r} -> {new!r}")
+    saved_hf, new_hf = step_dir.parent / ckpt.HF_SUBDIR / "config.json", Path(cfg.model.hf_dir) / "config.json"
+    if saved_hf.is_file() and new_hf.is_file():
+        a, b = _flatten(json.loads(saved_hf.read_text())), _flatten(json.loads(new_hf.read_text()))
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key) and key.rsplit(".", 1)[-1] not in _HF_CONFIG_NOISE:
+                raise ConfigError(
+                    f"cannot resume {step_dir}: model.hf_dir {new_hf.parent} has {key}={b.get(key)!r} in config.json "
+                    f"but the checkpoint's model has {key}={a.get(key)!r} ({saved_hf}); a checkpoint only resumes the same architecture"
+                )  # fmt: skip
+    return notes
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= _flatten(v, key + ".")
+        else:
+            out[key] = v
+    return out
+
+
+def _same(key: str, old, new) -> bool:
+    if old == new:
+        return True
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return list(old) == list(new)
+    if key in _PATH_FIELDS and old and new:  # the same file through another path
+        return os.path.realpath(old) == os.path.realpath(new)
+    return False

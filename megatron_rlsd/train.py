@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N -m megatron_rlsd.train --config CONFIG.yaml [section.key=value ...]
 
 The configuration is validated (one clear line on error, exit code 2) before torch.distributed,
-Megatron or vLLM are initialised.
+Megatron or vLLM are initialised, including its compatibility with the checkpoint it would resume
+(config.check_resume). Data problems found while setting up (no usable row) are config errors too.
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
     args = parser.parse_args(argv)
 
-    from megatron_rlsd.config import ConfigError, check_model_fits, load_config
+    from megatron_rlsd.config import ConfigError, check_model_fits, check_resume, load_config
+
+    def config_error(e: ConfigError) -> int:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron_rlsd.train: config error: {e}", file=sys.stderr, flush=True)
+        return 2
 
     try:
         cfg = load_config(args.config, args.overrides)
         check_model_fits(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_resume(cfg)
     except ConfigError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"megatron_rlsd.train: config error: {e}", file=sys.stderr, flush=True)
-        return 2
+        return config_error(e)
 
     from megatron_rlsd.parallel import destroy_distributed
     from megatron_rlsd.trainer import Trainer
@@ -37,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg)
         trainer.run()
+    except ConfigError as e:  # raised on every rank alike (e.g. a dataset without usable rows)
+        return config_error(e)
     finally:
         if trainer is not None:
             trainer.engine.close()

@@ -31,8 +31,9 @@ from megatron.core import parallel_state as ps
 from megatron_rlsd import algorithms as alg
 from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 from megatron_rlsd.config import Config, to_dict
-from megatron_rlsd.data import EpochSampler, PromptTemplates, encode_prompt
-from megatron_rlsd.models.forward import position_ids_for
+from megatron_rlsd.data import EpochSampler
+from megatron_rlsd.data.templates import user_message
+from megatron_rlsd.models.forward import model_inputs
 from megatron_rlsd.rewards import score_response
 from megatron_rlsd.rollout.samples import Sample, pack, response_logits
 
@@ -74,8 +75,8 @@ class Trainer:
         self.cfg = cfg
         s = setup(cfg)
         self.platform, self.model, self.shape, self.optimizer = s.platform, s.model, s.shape, s.optimizer
-        self.tokenizer, self.engine, self.rows = s.tokenizer, s.engine, s.rows
-        self.templates = PromptTemplates.from_files(cfg.data.student_template or None, cfg.data.teacher_template or None)
+        self.tokenizer, self.engine, self.rows, self.templates = s.tokenizer, s.engine, s.rows, s.templates
+        self.encoder = s.encoder  # chat messages (+ images) -> prompt ids (+ pixels)
         self.sampler = EpochSampler(len(self.rows), seed=cfg.data.seed)
         self.lam = alg.LambdaSchedule(cfg.algorithm.lambda_init, cfg.algorithm.lambda_decay_steps, cfg.algorithm.lambda_warmup_steps)
         self.step = 0
@@ -114,13 +115,13 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- the loop
     def run(self) -> None:
-        from megatron_rlsd.trainer_setup import load_checkpoint, save_checkpoint, warm_start_sft
+        from megatron_rlsd.trainer_setup import load_checkpoint, prepare_output_dir, save_checkpoint, warm_start_sft
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         if dist.get_rank() == 0:
-            for marker in (COMPLETED_MARKER, STOPPED_MARKER):
-                (self.out_dir / marker).unlink(missing_ok=True)
+            prepare_output_dir(self)  # markers, unpublished checkpoints, trainer.resume=never
+        dist.barrier()
         resumed = load_checkpoint(self)
         if not resumed and self.cfg.trainer.warmup_sft_steps:
             warm_start_sft(self)
@@ -198,15 +199,17 @@ class Trainer:
         g = self.cfg.rollout.group_size
         samples = []
         for gi, row in enumerate(rows):
-            sp = encode_prompt(self.tokenizer, self.templates.student_messages(row))
-            tp = encode_prompt(self.tokenizer, self.templates.teacher_messages(row))
-            samples += [Sample(row=row, group=gi, student_prompt=sp, teacher_prompt=tp) for _ in range(g)]
+            # student and teacher see the same images; the processor's pixels feed Megatron
+            sp, vision = self.encoder.encode(self.templates.student_messages(row), row.images)
+            tp, _ = self.encoder.encode(self.templates.teacher_messages(row), row.images)
+            samples += [Sample(row=row, group=gi, student_prompt=sp, teacher_prompt=tp, vision=vision) for _ in range(g)]
         mine = np.array_split(np.arange(len(samples)), dist.get_world_size())[dist.get_rank()].tolist()
         seeds = [hash((self.cfg.trainer.seed, self.step, i)) % (2**31) for i in mine]
         r = self.cfg.rollout
+        images = [samples[i].row.images for i in mine] if any(s.row.images for s in samples) else None
         gens = self.engine.generate(
             [samples[i].student_prompt for i in mine], seeds, temperature=r.temperature, top_p=r.top_p,
-            max_new_tokens=r.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id],
+            max_new_tokens=r.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id], images=images,
         )  # fmt: skip
         self.engine.sleep()  # GPU: hand the KV cache's memory to training until the next sync
         for i, gen in zip(mine, gens):
@@ -222,11 +225,13 @@ class Trainer:
             s = samples[i]
             res = score_response(s.text, s.row.answer, self.cfg.reward)
             s.reward, s.correct, s.reward_reason = res.reward, res.correct, res.reason
+        # only what this rank filled in travels (prompts and pixels are already everywhere)
         gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, [(i, samples[i]) for i in mine])
+        dist.all_gather_object(gathered, [(i, [getattr(samples[i], f) for f in Sample.ROLLOUT_FIELDS]) for i in mine])
         for part in gathered:
-            for i, s in part:
-                samples[i] = s
+            for i, values in part:
+                for f, v in zip(Sample.ROLLOUT_FIELDS, values):
+                    setattr(samples[i], f, v)
         if self.cfg.algorithm.loss_mode == "sdpo":
             self._sdpo_teacher_prompts(samples)
 
@@ -339,8 +344,8 @@ class Trainer:
 
         def step_fn(data_iterator, model):
             mb = next(data_iterator)
-            output = model(mb["tokens"], position_ids_for(mb["tokens"]), None)
-            return output, lambda logits: loss_fn(mb, logits)
+            args, kwargs = model_inputs(mb)
+            return model(*args, **kwargs), lambda logits: loss_fn(mb, logits)
 
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -415,8 +420,7 @@ class Trainer:
                 if others:
                     best = min(others, key=lambda o: len(o.response))
                     text = f"{s.row.problem}\n\nCorrect solution:\n\n{best.text}\n\nCorrectly solve the original question."
-                    msgs = [{"role": "user", "content": text}]
-                    s.teacher_prompt = encode_prompt(self.tokenizer, msgs)
+                    s.teacher_prompt, _ = self.encoder.encode([user_message(text, s.row.images)], s.row.images)
 
     # ----------------------------------------------------------------------------- metrics
     def _step_metrics(self, samples, student, teacher, credit_metrics, update_metrics, times) -> dict:
@@ -435,6 +439,7 @@ class Trainer:
             old = student["logp"][mask]
             roll = _pad_lists([s.rollout_logprobs for s in self.local_batch(samples)], mask.shape[1])[mask]
             local["train_rollout_logp_diff"] = (old - roll).abs().mean().item() if old.numel() else 0.0
+            local["train_rollout_logp_maxdiff"] = (old - roll).abs().max().item() if old.numel() else 0.0
             if teacher is not None:
                 local["teacher_student_gap"] = ((teacher["logp"] - student["logp"]) * mask).sum().item() / n.item()
         local |= credit_metrics | update_metrics
@@ -447,14 +452,21 @@ class Trainer:
         return m
 
     def _open_logs(self) -> None:
+        """Metrics continue from the resumed step: rows a killed run logged after its last
+        checkpoint are dropped (they are redone), and TensorBoard purges them likewise."""
         if dist.get_rank() != 0:
             return
-        self.metrics_file = open(self.out_dir / "metrics.jsonl", "a")
+        path = self.out_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines() if _metrics_step(line) <= self.step]
+            path.with_suffix(".tmp").write_text("".join(line + "\n" for line in kept))
+            path.with_suffix(".tmp").replace(path)
+        self.metrics_file = open(path, "a")
         (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.cfg), indent=1))
         if self.cfg.trainer.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+            self.tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=self.step + 1)
 
     def _log(self, m: dict) -> None:
         if dist.get_rank() != 0:
@@ -474,6 +486,13 @@ class Trainer:
                 if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
                     self.tb.add_scalar(k, v, m["step"])
             self.tb.flush()
+
+
+def _metrics_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill
 
 
 def _pad_lists(values: list[list[float]], width: int) -> torch.Tensor:

@@ -26,10 +26,11 @@ def test_overrides_and_types(tmp_path, tiny_qwen3):
         load_config("examples/tiny_cpu.yaml", base + ["parallel.tensor_model_parallel_size=0"])
 
 
-def test_qwen3_8b_recipe_has_the_papers_hyperparameters(tmp_path, tiny_qwen3):
+@pytest.mark.parametrize("recipe", ["qwen3vl_8b_rlsd", "qwen3_8b_rlsd"])
+def test_8b_recipes_have_the_papers_hyperparameters(tmp_path, tiny_qwen3, recipe):
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "1", "problem": "p", "answer": "2"}\n')
-    cfg = load_config("examples/qwen3_8b_rlsd.yaml", [f"model.hf_dir={tiny_qwen3['untied']}", f"data.train_file={data}"])
+    cfg = load_config(f"examples/{recipe}.yaml", [f"model.hf_dir={tiny_qwen3['untied']}", f"data.train_file={data}"])
     a, r, o, t = cfg.algorithm, cfg.rollout, cfg.optim, cfg.trainer
     assert (o.lr, o.weight_decay, o.grad_clip) == (1e-6, 0.01, 1.0)
     assert (t.prompts_per_step, r.group_size, r.temperature) == (256, 8, 1.0)

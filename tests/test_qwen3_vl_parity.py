@@ -150,3 +150,23 @@ def test_round_trip_tied_and_export_loads_in_transformers(tiny_vl, tmp_path):
     reloaded = Qwen3VLForConditionalGeneration.from_pretrained(tmp_path / "back", dtype=torch.float32).eval()
     micro_batches = _inputs()
     assert torch.equal(_hf_logits(reloaded, micro_batches), _hf_logits(model, micro_batches))
+
+
+def test_sampled_placeholder_ids_in_responses_are_text(tiny_vl):
+    """A policy can sample the image placeholder id; the rollout engine embedded it as text, so
+    the model must too: only a row's first (its images' merged patches) placeholders are images."""
+    from megatron_rlsd.models.qwen3_vl import Qwen3VLShape, image_token_mask, mrope_position_ids
+
+    shape = Qwen3VLShape.from_hf_config(json.loads((tiny_vl["untied"][0] / "config.json").read_text()))
+    row0, grids0 = _row([2, (1, 4, 4), 3], 16)  # 4 image tokens at 3..6
+    row1, _ = _row([5], 16)
+    row0[12] = IMAGE  # sampled in the response
+    row1[7] = IMAGE  # a text-only row's sample
+    tokens, grid = torch.tensor([row0, row1]), torch.tensor(grids0)
+    mask = image_token_mask(tokens, grid, torch.tensor([1, 0]), shape)
+    assert mask[0].nonzero().flatten().tolist() == [3, 4, 5, 6] and not mask[1].any()
+    pos = mrope_position_ids(tokens, mask, grid, shape)
+    # text resumes after the 2x2 image at offset + max(h, w) / merge, and the sampled id is text
+    assert pos[:, 0, 3:7].tolist() == [[3, 3, 3, 3], [3, 3, 4, 4], [3, 4, 3, 4]]
+    assert pos[:, 0, 7].tolist() == [5, 5, 5] and pos[:, 0, 12].tolist() == [10, 10, 10]
+    assert pos[:, 1].tolist() == [list(range(16))] * 3

@@ -1,23 +1,33 @@
 """Megatron `dist_checkpointing` save/load and the on-disk layout of a checkpoint root.
 
-    ROOT/
-      hf/               config.json + tokenizer files: what HF export and the trainer need
-      latest            name of the newest complete step directory (written last)
-      step_0000000/     a dist_checkpointing directory (torch_dist), loadable at any TP/PP
+    ROOT/                     (a training run's is OUTPUT/checkpoints)
+      hf/                     config.json + tokenizer files: what HF export and the trainer need
+      latest                  name of the newest complete step directory (written last)
+      step_0000000/           a dist_checkpointing directory (torch_dist), loadable at any TP/PP
+        train_config.json     (training checkpoints) the run's full config, checked on resume
+      .incomplete-step_N/     a step being written; never loaded, removed when a run starts
 
 Step directories are TP/PP-agnostic: dist_checkpointing stores global tensors, and every rank
-reads the slices its layout needs.
+reads the slices its layout needs. `latest` is the commit point: a step directory newer than the
+one it names was never published (the writer died between rename and `latest`).
 """
 
 from __future__ import annotations
 
 import queue
+import random
+import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HF_SUBDIR = "hf"
 LATEST = "latest"
+CHECKPOINTS_SUBDIR = "checkpoints"
+TRAIN_CONFIG = "train_config.json"
+INCOMPLETE_PREFIX = ".incomplete-"
+RNG_KEY = "rng_state"
 
 
 def step_dir_name(step: int) -> str:
@@ -26,6 +36,42 @@ def step_dir_name(step: int) -> str:
 
 def is_dist_checkpoint(path: Path) -> bool:
     return (path / "metadata.json").is_file()
+
+
+def checkpoint_root(output_dir: str | Path) -> Path:
+    """Where a training run keeps its checkpoints."""
+    return Path(output_dir) / CHECKPOINTS_SUBDIR
+
+
+def latest_step_dir(root: Path) -> Path | None:
+    """The published step directory of a checkpoint root; None when nothing was published."""
+    if not (Path(root) / LATEST).is_file():
+        return None
+    return resolve_step_dir(root)
+
+
+def unpublished_dirs(root: Path) -> list[Path]:
+    """What a writer that died mid-save leaves behind: `.incomplete-*` directories, and step
+    directories newer than the one `latest` names (renamed into place, `latest` not yet moved).
+    Without `latest` only the former: step directories nothing names are not ours to judge."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = sorted(p for p in root.glob(INCOMPLETE_PREFIX + "*") if p.is_dir())
+    latest = root / LATEST
+    if latest.is_file():
+        newest = latest.read_text().strip()
+        found += sorted(p for p in root.glob("step_*") if p.is_dir() and p.name > newest)
+    return found
+
+
+def prune_step_dirs(root: Path, newest: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest step directories up to `newest` (never newer ones)."""
+    older = sorted(p for p in Path(root).glob("step_*") if p.is_dir() and p.name <= newest.name)
+    doomed = older[:-keep] if keep > 0 else older
+    for p in doomed:
+        shutil.rmtree(p, ignore_errors=True)
+    return doomed
 
 
 def resolve_step_dir(path: str | Path) -> Path:
@@ -96,3 +142,47 @@ def save_model_weights(model: torch.nn.Module, step_dir: str | Path) -> None:
     step_dir = Path(step_dir)
     step_dir.mkdir(parents=True, exist_ok=True)
     save_sharded({"model": model.sharded_state_dict()}, step_dir)
+
+
+# --------------------------------------------------------------------------------- RNG states
+def rng_states(cuda: bool) -> dict:
+    """This process's generator states: python `random`, numpy, torch (CPU; CUDA on GPU) and
+    Megatron's model-parallel tracker (per-TP-rank streams; on CPU the platform layer backs them
+    with the CPU generator). Plain containers and tensors only (loadable with weights_only)."""
+    from megatron.core import tensor_parallel
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if cuda else None,
+        "tracker": dict(tensor_parallel.get_cuda_rng_tracker().get_states()),
+    }
+
+
+def set_rng_states(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(_tuples(state["python"]))
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
+def _tuples(value):
+    # random.setstate wants tuples; a round trip through some serialisers yields lists
+    return tuple(_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def rng_sharded_object(state: dict | None):
+    """This rank's RNG states as its own shard of a (world_size,) object (rank-specific: every
+    rank is a main replica). It only loads back at the same world size; the trainer restores
+    RNG states only at the same TP/PP/world layout, as Megatron-LM does."""
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(RNG_KEY, state, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)

@@ -29,6 +29,7 @@ __all__ = [
     "PromptTemplates",
     "encode_prompt",
     "render_chat",
+    "user_message",
 ]
 
 FORMAT_INSTRUCTION = (
@@ -96,14 +97,15 @@ class PromptTemplates:
 
     def student_messages(self, row: PromptRow) -> list[dict[str, Any]]:
         """One user turn: the student prompt (images first, when the row has any)."""
-        return [_user_message(self.student_text(row), row.images)]
+        return [user_message(self.student_text(row), row.images)]
 
     def teacher_messages(self, row: PromptRow) -> list[dict[str, Any]]:
         """One user turn: the teacher prompt with the reference answer, same images."""
-        return [_user_message(self.teacher_text(row), row.images)]
+        return [user_message(self.teacher_text(row), row.images)]
 
 
-def _user_message(text: str, images: Sequence[str]) -> dict[str, Any]:
+def user_message(text: str, images: Sequence[str]) -> dict[str, Any]:
+    """A user turn: the images (if any) first, then the text."""
     if not images:
         return {"role": "user", "content": text}
     parts: list[dict[str, Any]] = [{"type": "image", "image": image} for image in images]

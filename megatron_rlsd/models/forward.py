@@ -2,7 +2,8 @@
 
 Batches are right-padded token blocks, so the model's causal mask is all the masking needed:
 padding only ever follows real tokens. Multimodal micro-batches also carry `pixel_values`
-(patches of all the batch's images, in order of appearance) and `image_grid_thw`.
+(patches of all the batch's images, in order of appearance), `image_grid_thw` and
+`images_per_row`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
-VISION_INPUTS = ("pixel_values", "image_grid_thw")
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "images_per_row")
 
 
 def model_inputs(mb: dict) -> tuple[tuple, dict]:

@@ -262,20 +262,36 @@ def interpolated_position_table(
     return out + table[r1 * side + c1] * (wr1 * wc1)[:, None]
 
 
-def mrope_position_ids(tokens: torch.Tensor, image_grid_thw: torch.Tensor | None, shape: Qwen3VLShape) -> torch.Tensor:
+def image_token_mask(
+    tokens: torch.Tensor, image_grid_thw: torch.Tensor | None, images_per_row: torch.Tensor | None, shape: Qwen3VLShape
+) -> torch.Tensor:
+    """[b, s] True where a row's images go: its first (sum of its images' merged patches) image
+    placeholder tokens. A placeholder id the policy happened to sample in its response is text,
+    as it was for the rollout engine. Without `images_per_row`, every placeholder is an image's."""
+    is_pad = tokens == shape.image_token_id
+    if images_per_row is None or image_grid_thw is None:
+        return is_pad
+    per_image = image_grid_thw.prod(-1) // shape.vision.spatial_merge_size**2
+    owner = torch.repeat_interleave(torch.arange(len(images_per_row)), images_per_row.cpu())
+    needed = torch.zeros(len(images_per_row), dtype=torch.long).index_add_(0, owner, per_image.cpu())
+    return is_pad & (is_pad.long().cumsum(1) <= needed.to(tokens.device).unsqueeze(1))
+
+
+def mrope_position_ids(tokens: torch.Tensor, image_mask: torch.Tensor, image_grid_thw: torch.Tensor | None,
+                       shape: Qwen3VLShape) -> torch.Tensor:  # fmt: skip
     """[3, b, s] (temporal, height, width) positions for right-padded token rows.
 
     Text advances all three by one per token. An image's merged tokens take t/h/w grid positions
     offset by the running position; the text after it resumes at offset + max(h, w) / merge.
-    Images are consumed from `image_grid_thw` in order of appearance, row by row.
+    Images (runs of `image_mask`) take their grids from `image_grid_thw` in order, row by row.
     """
     merge = shape.vision.spatial_merge_size
     grids = iter(image_grid_thw.tolist() if image_grid_thw is not None else [])
     rows = []
-    for row in tokens.tolist():
+    for is_image in image_mask.tolist():
         pieces, pos, i = [], 0, 0
-        while i < len(row):
-            if row[i] == shape.image_token_id:
+        while i < len(is_image):
+            if is_image[i]:
                 t, h, w = next(grids)
                 gh, gw = h // merge, w // merge
                 tt = torch.arange(t).view(t, 1, 1).expand(t, gh, gw).reshape(-1)
@@ -286,7 +302,7 @@ def mrope_position_ids(tokens: torch.Tensor, image_grid_thw: torch.Tensor | None
                 pos += max(gh, gw)
             else:
                 j = i
-                while j < len(row) and row[j] != shape.image_token_id:
+                while j < len(is_image) and not is_image[j]:
                     j += 1
                 pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
                 pos += j - i
@@ -427,8 +443,8 @@ class Qwen3VLModel(_make_megatron_module()):
     """One pipeline stage of Qwen3-VL: [ViT + mergers on the first stage] + a GPTModel decoder.
 
     forward(input_ids [b, s], position_ids (ignored: M-RoPE ids are derived from input_ids and
-    image_grid_thw), attention_mask, pixel_values=None, image_grid_thw=None) -> vocab-parallel
-    logits [b, s, V/tp] on the last stage, hidden states elsewhere.
+    image_grid_thw), attention_mask, pixel_values=None, image_grid_thw=None, images_per_row=None)
+    -> vocab-parallel logits [b, s, V/tp] on the last stage, hidden states elsewhere.
     """
 
     def __init__(self, shape: Qwen3VLShape, config, *, pre_process: bool, post_process: bool, use_te: bool,
@@ -480,13 +496,14 @@ class Qwen3VLModel(_make_megatron_module()):
         return hook
 
     def forward(self, input_ids, position_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
-                labels=None, **kwargs):  # fmt: skip
-        position_ids = mrope_position_ids(input_ids, image_grid_thw, self.shape)
+                images_per_row=None, labels=None, **kwargs):  # fmt: skip
+        image_mask = image_token_mask(input_ids, image_grid_thw, images_per_row, self.shape)
+        position_ids = mrope_position_ids(input_ids, image_mask, image_grid_thw, self.shape)
         decoder_input = None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
             if pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
-                b_idx, s_idx = (input_ids == self.shape.image_token_id).nonzero(as_tuple=True)  # row-major = image order
+                b_idx, s_idx = image_mask.nonzero(as_tuple=True)  # row-major = image order
                 image_embeds, deep = self.vision_model(pixel_values, image_grid_thw)
                 if image_embeds.shape[0] != s_idx.numel():
                     raise ValueError(f"{s_idx.numel()} image tokens in the batch but the images give {image_embeds.shape[0]}")

@@ -295,7 +295,6 @@ def build_tiny_qwen3(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
 
-    import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = build_tiny_tokenizer(corpus)
@@ -329,29 +328,7 @@ def build_tiny_qwen3(
         dtype="float32",
     )
 
-    # Construct under a forked RNG so the caller's global torch RNG is left
-    # alone; the weights are then overwritten from a private generator, which
-    # makes the result independent of transformers' own init scheme.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
-    model = model.to(torch.float32).eval()
-
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    std = config.initializer_range
-    with torch.no_grad():
-        params = dict(model.named_parameters())  # tied weights appear once
-        for name in sorted(params):
-            p = params[name]
-            if p.dim() == 1:  # RMSNorm weights (Qwen3 has no biases)
-                p.fill_(1.0)
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-        # Rows past the tokenizer are never fed in; zero them so the random
-        # model (logit 0 vs. random logits) essentially never emits them.
-        if padded_vocab > tok_len:
-            model.get_input_embeddings().weight[tok_len:].zero_()
-            model.get_output_embeddings().weight[tok_len:].zero_()
+    model = random_model(Qwen3ForCausalLM, config, seed, lambda name: config.initializer_range, tok_len)
     if tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
@@ -368,6 +345,33 @@ def build_tiny_qwen3(
     tokenizer.save_pretrained(out)
     _make_tokenizer_config_portable(out / "tokenizer_config.json")
     return out
+
+
+def random_model(model_class, config, seed: int, std_of, real_vocab: int):
+    """`model_class(config)` in fp32 with weights drawn from a private generator seeded with `seed`
+    (the caller's global RNG is untouched; the result does not depend on transformers' init):
+    matrices and biases ~ N(0, std_of(name)), norm weights 1, norm biases 0. Embedding / LM-head
+    rows past `real_vocab` (padding) are zero, so the random model essentially never emits them."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_class(config)
+    model = model.to(torch.float32).eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        params = dict(model.named_parameters())  # tied weights appear once
+        for name in sorted(params):
+            p = params[name]
+            is_norm = p.dim() == 1 and "norm" in name.rsplit(".", 2)[-2]
+            if is_norm:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std_of(name))
+        if model.get_input_embeddings().weight.shape[0] > real_vocab:
+            model.get_input_embeddings().weight[real_vocab:].zero_()
+            model.get_output_embeddings().weight[real_vocab:].zero_()
+    return model
 
 
 def _make_tokenizer_config_portable(path: pathlib.Path, extra_special_tokens: Sequence[str] = ()) -> None:

@@ -86,6 +86,7 @@ def build_tiny_qwen3_vl(
     vision_init_std: float = 0.05,
     tie_word_embeddings: bool = False,
     vocab_size: int | None = None,
+    corpus: Sequence[str] | None = None,
 ) -> pathlib.Path:
     """Write a tiny random Qwen3-VL HF checkpoint (model, tokenizer, processor) to ``out_dir``.
 
@@ -96,6 +97,7 @@ def build_tiny_qwen3_vl(
     ``(patch_size * spatial_merge_size) ** 2``: an image gives
     ``resized_pixels / (patch_size * spatial_merge_size) ** 2`` image tokens.
     ``vision_init_std`` is larger than the text std so that images move the log-probs clearly.
+    ``corpus`` trains the tokenizer (default: :func:`megatron_rlsd.models.tiny.default_corpus`).
     Returns ``out_dir`` as a :class:`pathlib.Path`.
     """
     tiny._validate(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size)
@@ -117,7 +119,6 @@ def build_tiny_qwen3_vl(
     if len(deepstack_visual_indexes) > num_layers:
         raise ValueError("more deepstack_visual_indexes than text layers")
 
-    import torch
     from transformers import (
         GenerationConfig,
         Qwen3VLConfig,
@@ -129,7 +130,7 @@ def build_tiny_qwen3_vl(
     )
     from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
 
-    tokenizer = tiny.build_tiny_tokenizer(extra_special_tokens=VISION_SPECIAL_TOKENS)
+    tokenizer = tiny.build_tiny_tokenizer(corpus, extra_special_tokens=VISION_SPECIAL_TOKENS)
     tokenizer.chat_template = VL_CHAT_TEMPLATE
     tok_len = len(tokenizer)
     vocab = tiny._padded_vocab(tok_len, vocab_size)
@@ -189,30 +190,9 @@ def build_tiny_qwen3_vl(
         dtype="float32",
     )
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
-    model = model.to(torch.float32).eval()
-
-    # Overwrite every parameter from a private generator (independent of transformers' init):
-    # matrices ~ N(0, std), biases ~ N(0, std) so that bias loading is exercised too, norm weights 1.
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        params = dict(model.named_parameters())  # tied weights appear once
-        for name in sorted(params):
-            p = params[name]
-            std = vision_init_std if ".visual." in f".{name}" else 0.02
-            is_norm = "norm" in name.rsplit(".", 2)[-2]
-            if p.dim() == 1 and is_norm and name.endswith("weight"):
-                p.fill_(1.0)
-            elif p.dim() == 1 and is_norm:
-                p.zero_()  # LayerNorm bias
-            else:
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
-        # rows past the tokenizer are never fed in; zero so the random model never emits them
-        if vocab > tok_len:
-            model.get_input_embeddings().weight[tok_len:].zero_()
-            model.get_output_embeddings().weight[tok_len:].zero_()
+    # vision weights get a larger std so that images move the log-probs clearly
+    model = tiny.random_model(Qwen3VLForConditionalGeneration, config, seed,
+                              lambda name: vision_init_std if ".visual." in f".{name}" else 0.02, tok_len)  # fmt: skip
     model.generation_config = GenerationConfig(
         bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from megatron_rlsd.data import PromptRow
+from megatron_rlsd.data.vision import VisionInput
 
 
 @dataclass
@@ -26,6 +27,10 @@ class Sample:
     reward_reason: str = ""
     advantage: float = 0.0
     teacher_valid: bool = True  # sdpo: False when the group has no usable successful sibling
+    vision: VisionInput | None = None  # the prompt's images (student and teacher prompts share them)
+
+    # What a rank fills in after generating and verifying a sample; the rest every rank already has.
+    ROLLOUT_FIELDS = ("response", "rollout_logprobs", "finish_reason", "text", "reward", "correct", "reward_reason")
 
 
 @dataclass
@@ -41,14 +46,17 @@ class PackedBatch:
     resp_pos: torch.Tensor
     resp_ids: torch.Tensor
     mask: torch.Tensor
+    vision: list[VisionInput | None] = field(default_factory=list)  # per row
 
     def micro_batches(self, size: int, **extra: torch.Tensor) -> list[dict]:
-        """Split along the batch into dicts of tensors (extra [B, ...] tensors split alongside)."""
+        """Split along the batch into dicts of tensors (extra [B, ...] tensors split alongside);
+        rows with images add `pixel_values` / `image_grid_thw` for the model."""
         out = []
         for start in range(0, self.tokens.shape[0], size):
             sl = slice(start, start + size)
             mb = {"tokens": self.tokens[sl], "resp_pos": self.resp_pos[sl], "resp_ids": self.resp_ids[sl], "mask": self.mask[sl]}
             mb.update({k: v[sl] for k, v in extra.items()})
+            mb.update(VisionInput.concat(self.vision[sl]))
             out.append(mb)
         return out
 
@@ -70,7 +78,7 @@ def pack(samples: list[Sample], teacher: bool, pad_id: int, length: int | None =
         resp_pos[i, :n] = torch.arange(len(p) - 1, len(p) - 1 + n)
         resp_ids[i, :n] = torch.tensor(s.response)
         mask[i, :n] = True
-    return PackedBatch(tokens, resp_pos, resp_ids, mask)
+    return PackedBatch(tokens, resp_pos, resp_ids, mask, [s.vision for s in samples])
 
 
 def response_logits(logits: torch.Tensor, resp_pos: torch.Tensor) -> torch.Tensor:
