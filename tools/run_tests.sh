@@ -6,4 +6,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup_env.sh cpu dev
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
-exec "${VENV:-.venv}/bin/python" -m pytest -q "$@" tests
+# --durations: the slowest tests, to keep an eye on CI time
+exec "${VENV:-.venv}/bin/python" -m pytest -q --durations=12 "$@" tests

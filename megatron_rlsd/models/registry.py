@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from types import ModuleType
 
-import torch
-
 from megatron_rlsd.models import qwen3, qwen3_vl
 
 # Each module provides: ARCHITECTURE, Shape (from_hf_config, check_parallel), transformer_config,
@@ -40,6 +38,7 @@ def hf_mapping(shape):
 def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_weights: bool = True, use_te: bool | None = None):
     """This rank's pipeline stage of the model named by `hf_config`, under the current
     Megatron parallel_state (TP/PP already initialised). Returns (model, shape)."""
+    import torch
     from megatron.core import parallel_state as ps
 
     module = model_module(hf_config)
@@ -54,25 +53,6 @@ def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_w
     model = module.build_model(
         shape, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), use_te=use_te
     )
-    mark_tensor_parallel_weights(model)
     if not platform.is_cpu:
         model.cuda()
     return model, shape
-
-
-# Partition dimension of the weight of each Megatron tensor-parallel layer kind (by class name, so
-# the Transformer Engine variants match too).
-_TP_WEIGHT_DIM = {"ColumnParallelLinear": 0, "RowParallelLinear": 1, "VocabParallelEmbedding": 0}
-
-
-def mark_tensor_parallel_weights(model) -> None:
-    """Flag every TP-split weight as tensor-parallel. Megatron-Core 0.16 sets the flag only while
-    it initialises a weight itself (perform_initialization); without it, the gradient norm (and
-    so clipping) counts only TP rank 0's shard of weights that are loaded instead."""
-    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
-
-    for module in model.modules():
-        dim = next((d for kind, d in _TP_WEIGHT_DIM.items() if type(module).__name__.endswith(kind)), None)
-        weight = getattr(module, "weight", None)
-        if dim is not None and isinstance(weight, torch.nn.Parameter) and not getattr(weight, "tensor_model_parallel", False):
-            set_tensor_model_parallel_attributes(weight, True, dim, 1)
