@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
 
 from megatron_rlsd.models import qwen3
 from megatron_rlsd.platform import Platform
@@ -361,13 +362,7 @@ class _ShardedModuleList(torch.nn.ModuleList):
         return out
 
 
-def _make_megatron_module():
-    from megatron.core.transformer.module import MegatronModule
-
-    return MegatronModule
-
-
-class PatchMerger(_make_megatron_module()):
+class PatchMerger(MegatronModule):
     """LayerNorm -> concat merge x merge patches -> Linear -> GELU -> Linear (TP column/row).
 
     The main merger normalises each patch before concatenation; DeepStack mergers normalise the
@@ -393,7 +388,7 @@ class PatchMerger(_make_megatron_module()):
         return x
 
 
-class VisionEncoder(_make_megatron_module()):
+class VisionEncoder(MegatronModule):
     """Pixels of several images -> merged image-token embeddings + DeepStack features."""
 
     def __init__(self, config, v: VisionShape, out_size: int, use_te: bool):
@@ -439,7 +434,7 @@ class VisionEncoder(_make_megatron_module()):
         return torch.cat(merged), [torch.cat(d) for d in deep]
 
 
-class Qwen3VLModel(_make_megatron_module()):
+class Qwen3VLModel(MegatronModule):
     """One pipeline stage of Qwen3-VL: [ViT + mergers on the first stage] + a GPTModel decoder.
 
     forward(input_ids [b, s], position_ids (ignored: M-RoPE ids are derived from input_ids and
