@@ -33,6 +33,7 @@ from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_logprobs, voc
 from megatron_rlsd.config import Config, to_dict
 from megatron_rlsd.data import EpochSampler
 from megatron_rlsd.data.templates import user_message
+from megatron_rlsd.data.vision import load_image
 from megatron_rlsd.models.forward import model_inputs
 from megatron_rlsd.rewards import score_response
 from megatron_rlsd.rollout.samples import Sample, pack, response_logits
@@ -197,16 +198,18 @@ class Trainer:
         seeds (reproducible wherever a sample is generated). Returns all samples, of which this
         rank filled the ones at the returned indices."""
         g = self.cfg.rollout.group_size
-        samples = []
+        samples, decoded = [], []
         for gi, row in enumerate(rows):
-            # student and teacher see the same images; the processor's pixels feed Megatron
-            sp, vision = self.encoder.encode(self.templates.student_messages(row), row.images)
-            tp, _ = self.encoder.encode(self.templates.teacher_messages(row), row.images)
+            # student and teacher see the same images (decoded once per prompt, for the processor
+            # and the engine); the processor's pixels feed Megatron
+            decoded.append([load_image(p) for p in row.images])
+            sp, vision = self.encoder.encode(self.templates.student_messages(row), decoded[gi])
+            tp, _ = self.encoder.encode(self.templates.teacher_messages(row), decoded[gi])
             samples += [Sample(row=row, group=gi, student_prompt=sp, teacher_prompt=tp, vision=vision) for _ in range(g)]
         mine = np.array_split(np.arange(len(samples)), dist.get_world_size())[dist.get_rank()].tolist()
         seeds = [hash((self.cfg.trainer.seed, self.step, i)) % (2**31) for i in mine]
         r = self.cfg.rollout
-        images = [samples[i].row.images for i in mine] if any(s.row.images for s in samples) else None
+        images = [decoded[samples[i].group] for i in mine] if any(decoded) else None
         gens = self.engine.generate(
             [samples[i].student_prompt for i in mine], seeds, temperature=r.temperature, top_p=r.top_p,
             max_new_tokens=r.max_new_tokens, stop_token_ids=[self.tokenizer.eos_token_id], images=images,

@@ -38,15 +38,18 @@ class VisionInput:
         }
 
 
-def load_image(path: str):
-    """An RGB PIL image; raises ValueError naming the file when it cannot be decoded."""
+def load_image(image):
+    """A PIL image as is, or a path opened as RGB; raises ValueError naming the file when it
+    cannot be decoded."""
     from PIL import Image
 
+    if isinstance(image, Image.Image):
+        return image
     try:
-        with Image.open(path) as im:
+        with Image.open(image) as im:
             return im.convert("RGB")
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot decode image {path}: {e}") from None
+        raise ValueError(f"cannot decode image {image}: {e}") from None
 
 
 class PromptEncoder:
@@ -61,7 +64,8 @@ class PromptEncoder:
 
             self.processor = AutoProcessor.from_pretrained(hf_dir)
 
-    def encode(self, messages: list[dict[str, Any]], images: list[str]) -> tuple[list[int], VisionInput | None]:
+    def encode(self, messages: list[dict[str, Any]], images: list) -> tuple[list[int], VisionInput | None]:
+        """`images`: paths or PIL images (decode once and pass the images when encoding twice)."""
         if not images:
             return encode_prompt(self.tokenizer, messages), None
         if self.processor is None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_rlsd.data.vision import load_image
 from megatron_rlsd.platform import Platform
 
 
@@ -41,16 +42,6 @@ class Generation:
     logprobs: list[float]
     finish_reason: str
     prompt_ids: list[int] = field(default_factory=list)
-
-
-def _load_image(image):
-    """A PIL image as is, a path opened as RGB (the processors convert to RGB anyway)."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return image
-    with Image.open(image) as im:
-        return im.convert("RGB")
 
 
 def _collapse_runs(ids: list[int], token: int) -> tuple[list[int], bool]:
@@ -112,7 +103,7 @@ class VLLMEngine:
             ids, _ = _collapse_runs(list(p), self.image_token_id)
             if (n := ids.count(self.image_token_id)) != len(imgs):
                 raise ValueError(f"a prompt has {n} image placeholder(s) but {len(imgs)} image(s)")
-            requests.append({"prompt_token_ids": ids, "multi_modal_data": {"image": [_load_image(i) for i in imgs]}})
+            requests.append({"prompt_token_ids": ids, "multi_modal_data": {"image": [load_image(i) for i in imgs]}})
         return requests
 
     def _check_expansion(self, given: list[int], ran: list[int]) -> None:
