@@ -1,7 +1,9 @@
 """Typed run configuration: YAML files with dotted command-line overrides (`trainer.steps=20`).
 
-Every section is a dataclass; unknown keys, wrong types and invalid combinations fail in
-`load_config` with one line naming the field and the fix, before any heavy initialisation.
+Every section is a dataclass whose fields are documented where they are declared; unknown keys,
+wrong types and invalid combinations fail in `load_config` with one line naming the field and the
+fix, before any heavy initialisation. Whether a checkpoint may be resumed with this config is the
+checkpointer's question (megatron_rlsd/checkpointer.py).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from megatron_rlsd.algorithms.losses import LOSS_MODES
+from megatron_rlsd.algorithms.loss_modes import LOSS_MODES
 from megatron_rlsd.parallel import ParallelConfig
 from megatron_rlsd.rewards import RewardConfig
 
@@ -33,36 +35,24 @@ class ModelConfig:
     """Optional Megatron checkpoint root (tools/convert_hf_to_megatron.py) to start from."""
     params_dtype: str = "float32"
     """float32 (CPU, tests) or bfloat16 (GPU)."""
-    build_tiny: bool = False
-    """Build a tiny random Qwen3 + locally trained tokenizer into `hf_dir` if it does not exist
-    (the embedded CPU default)."""
-    tiny_layers: int = 4
-    tiny_hidden: int = 128
-    tiny_heads: int = 4
-    tiny_kv_heads: int = 2
-    tiny_vision: bool = False
-    """With build_tiny: a tiny Qwen3-VL (vision tower, processor) instead of a text Qwen3."""
 
 
 @dataclass
 class DataConfig:
     train_file: str = ""
     """JSONL or parquet rows {id, problem, answer[, images]}."""
-    synthetic_task: str = ""
-    """If set, generate `synthetic_rows` rows of this task into `train_file`: add | max | copy
-    (text), or shapes (images of coloured shapes: count_color | count_shape | largest_color in
-    turn; each also works alone), written beside `train_file` in images/."""
-    synthetic_rows: int = 2000
-    synthetic_max_operand: int = 9
     student_template: str = ""
     """Path to a student prompt template with {problem}; empty: the built-in default."""
     teacher_template: str = ""
     """Path to a teacher template with {problem} and {answer}; empty: the built-in default."""
     max_prompt_tokens: int = 4096
+    """Rows whose student prompt (chat template and image tokens included) is longer are skipped
+    at start-up and counted (prompt_too_long)."""
     check_images: bool = False
     """Open every referenced image at start-up; rows with a missing or undecodable one are
     skipped and counted (missing_image / undecodable_image) instead of failing mid-run."""
     seed: int = 1234
+    """Seed of the per-epoch shuffle."""
 
 
 @dataclass
@@ -70,34 +60,48 @@ class RolloutConfig:
     group_size: int = 8
     """Responses sampled per prompt (G)."""
     temperature: float = 1.0
+    """Sampling temperature. Every log-probability the trainer computes (old and new policy,
+    teacher, entropy, divergences) is of the same tempered distribution."""
     top_p: float = 1.0
     max_new_tokens: int = 4096
     vllm_tensor_parallel_size: int = 1
-    """vLLM engines are colocated: one per group of this many consecutive ranks."""
+    """Ranks per vLLM engine. Only 1 is implemented (one engine per rank)."""
     kv_cache_mb: int = 256
     """CPU only: KV cache size per engine."""
     gpu_memory_utilization: float = 0.5
+    """GPU only: share of GPU memory vLLM may take (weights + KV cache) while it is awake."""
     weight_bucket_mb: int = 512
     """Upper bound of one weight-sync bucket (a bucket never splits a layer)."""
     truncated_is_cap: float = 0.0
-    """> 0: multiply the loss by min(pi_old / pi_rollout, cap) per token (TIS)."""
+    """> 0: multiply the policy loss by min(pi_old / pi_rollout, cap) per token (TIS)."""
+    vllm_log_level: str = "WARNING"
+    """Level of vLLM's own log, written to OUTPUT/vllm.log (never the console)."""
 
 
 @dataclass
 class AlgorithmConfig:
     loss_mode: str = "rlsd"
-    """rlsd | grpo | opsd | grpo_opsd | sdpo"""
+    """One of megatron_rlsd.algorithms.LOSS_MODES: rlsd | grpo | opsd | grpo_opsd | sdpo."""
     eps_w: float = 0.2
+    """RLSD: the evidence weight exp(sign(A) * Delta) is clipped to [1 - eps_w, 1 + eps_w]."""
     lambda_init: float = 0.5
+    """RLSD: mixing coefficient between uniform and reweighted credit at the start."""
     lambda_decay_steps: int = 50
-    """Paper: 50; the authors' script: 60."""
+    """RLSD: lambda decays linearly to 0 over this many optimizer steps (paper: 50; the
+    authors' script: 60); 0 keeps it constant."""
     lambda_warmup_steps: int = 0
+    """RLSD: lambda ramps linearly from 0 to lambda_init over this many steps first (as the
+    authors' code); the decay starts after it."""
     teacher_refresh_interval: int = 10
-    """K: teacher = policy snapshot refreshed every K steps (paper 10, authors' code 20); 1 = live."""
+    """K: the teacher is a snapshot of the policy refreshed every K optimizer steps (paper 10,
+    authors' code 20); 1 = the live policy. Ignored when teacher_ema_rate > 0."""
+    teacher_ema_rate: float = 0.0
+    """> 0: the teacher is an exponential moving average of the policy, updated after every
+    optimizer step as teacher <- (1 - rate) * teacher + rate * policy (SDPO uses 0.05)."""
     eps_low: float = 0.2
     eps_high: float = 0.28
     dual_clip: float = 3.0
-    """0 disables dual-clip."""
+    """Dual-clip bound c for negative advantages (loss <= -c * A); 0 disables it."""
     loss_agg: str = "token_mean"
     """token_mean (global over the batch) | seq_mean_token_mean"""
     adv_eps: float = 1e-6
@@ -115,6 +119,7 @@ class OptimConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
+    """Clip the global gradient norm (all TP/PP/DP shards) to this; 0 disables clipping."""
 
 
 @dataclass
@@ -122,7 +127,7 @@ class TrainerConfig:
     steps: int = 200
     prompts_per_step: int = 256
     micro_batch_size: int = 8
-    """Sequences per micro-batch in the training forward/backward."""
+    """Sequences per micro-batch in the scoring passes and the update."""
     seed: int = 1234
     output_dir: str = "outputs/run"
     save_interval: int = 10
@@ -130,18 +135,13 @@ class TrainerConfig:
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep."""
     warmup_sft_steps: int = 0
-    """Supervised steps on reference responses before RL (tiny models must learn the format)."""
+    """Supervised steps on the rows' reference solutions before RL (tiny models must learn the
+    answer format first). Uses the RL optimizer at `warmup_sft_lr`; its moments are reset after."""
     warmup_sft_lr: float = 1e-3
     tensorboard: bool = True
     max_consecutive_nonfinite: int = 3
     """Steps whose loss or gradient norm is not finite are skipped (and counted); after this many
     in a row the run stops, leaving the last good checkpoint as it was."""
-    inject_nan_at_steps: str = ""
-    """Fault injection for tests: comma-separated step numbers whose loss is made NaN."""
-    inject_crash_in_save_at_step: int = 0
-    """Fault injection for tests: while saving the checkpoint of this step, every rank SIGKILLs
-    itself after the shards are written and before the checkpoint is published (a job losing its
-    nodes mid-save). 0: off."""
     resume: str = "auto"
     """auto: continue from OUTPUT/checkpoints/latest when there is one, else start fresh.
     require: the same, but a missing checkpoint is a config error (a resubmitted job must resume).
@@ -150,7 +150,45 @@ class TrainerConfig:
     tensorboard/, config.json, markers) moves them, never deleting them, into
     OUTPUT/previous-<timestamp>/. A requeued job (Slurm) reruns its config, so do not leave
     `never` in a job that may be requeued: every restart would start over.
-    Resuming checks the checkpoint's config: see RESUME_MUST_MATCH."""
+    Resuming checks the checkpoint's config (checkpointer.RESUME_MUST_MATCH)."""
+
+
+@dataclass
+class DemoConfig:
+    """The embedded default's own files, made before the run starts (megatron_rlsd/demo.py).
+    Production configs leave this section empty."""
+
+    tiny_model: str = ""
+    """text | vl: build a tiny random Qwen3 (or Qwen3-VL with its processor) and a locally
+    trained tokenizer into model.hf_dir when it holds no config.json; "": off."""
+    tiny_layers: int = 4
+    tiny_hidden: int = 128
+    tiny_heads: int = 4
+    tiny_kv_heads: int = 2
+    synthetic_task: str = ""
+    """Write `synthetic_rows` rows of this task into data.train_file when it does not exist:
+    add | max | copy (text), or shapes (images of coloured shapes: count_color | count_shape |
+    largest_color in turn; each also works alone), images beside the file in images/."""
+    synthetic_rows: int = 2000
+    synthetic_max_operand: int = 9
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tiny_model or self.synthetic_task)
+
+
+@dataclass
+class FaultInjectionConfig:
+    """Fault injection for the test suite only: never set these in a real run."""
+
+    nan_loss_at_steps: str = ""
+    """Comma-separated step numbers whose loss is made NaN."""
+    crash_in_save_at_step: int = 0
+    """While saving the checkpoint of this step every rank SIGKILLs itself (a job losing its
+    nodes mid-save); where is `crash_in_save_phase`. 0: off."""
+    crash_in_save_phase: str = "published"
+    """writing: after this rank's shards are written, before the checkpoint's metadata exists;
+    published: after everything is written, before the checkpoint is renamed into place."""
 
 
 @dataclass
@@ -163,6 +201,8 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    test_faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
 
 def _coerce(value, typ, where: str):
@@ -248,17 +288,30 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
 
 def validate(cfg: Config) -> None:
     """Cheap consistency checks (no model, no files opened except existence checks)."""
-    a, r, t = cfg.algorithm, cfg.rollout, cfg.trainer
+    a, r, t, d = cfg.algorithm, cfg.rollout, cfg.trainer, cfg.demo
     if a.loss_mode not in LOSS_MODES:
         raise ConfigError(f"unknown loss mode {a.loss_mode!r}; choose one of {', '.join(LOSS_MODES)}")
     if r.group_size < 2:
         raise ConfigError(f"rollout.group_size must be >= 2 (group advantages need siblings), got {r.group_size}")
+    if not r.temperature > 0:
+        raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+    if r.vllm_tensor_parallel_size != 1:
+        raise ConfigError(
+            f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} is not implemented: engines are one per "
+            "rank (an engine spanning several ranks needs the same requests on all of them); set it to 1"
+        )
     if not 0 < a.eps_w < 1:
         raise ConfigError(f"algorithm.eps_w must be in (0, 1), got {a.eps_w}")
     if not 0 <= a.lambda_init <= 1:
         raise ConfigError(f"algorithm.lambda_init must be in [0, 1], got {a.lambda_init}")
+    if a.lambda_decay_steps < 0 or a.lambda_warmup_steps < 0:
+        raise ConfigError("algorithm.lambda_decay_steps and lambda_warmup_steps must be >= 0")
     if a.teacher_refresh_interval < 1:
         raise ConfigError("algorithm.teacher_refresh_interval must be >= 1 (1 = live policy)")
+    if not 0 <= a.teacher_ema_rate < 1:
+        raise ConfigError(f"algorithm.teacher_ema_rate must be in [0, 1) (0: off), got {a.teacher_ema_rate}")
     if a.loss_agg not in ("token_mean", "seq_mean_token_mean"):
         raise ConfigError(f"algorithm.loss_agg must be token_mean or seq_mean_token_mean, got {a.loss_agg!r}")
     if a.opsd_divergence not in ("jsd", "forward_kl", "reverse_kl"):
@@ -267,26 +320,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.dual_clip must be > 1 (or 0 to disable), got {a.dual_clip}")
     if t.resume not in RESUME_MODES:
         raise ConfigError(f"trainer.resume must be one of {', '.join(RESUME_MODES)}, got {t.resume!r}")
-    if t.inject_crash_in_save_at_step < 0:
-        raise ConfigError("trainer.inject_crash_in_save_at_step must be >= 0 (0: off)")
     if t.steps < 1 or t.prompts_per_step < 1 or t.micro_batch_size < 1 or t.keep_checkpoints < 1:
         raise ConfigError("trainer.steps, prompts_per_step, micro_batch_size and keep_checkpoints must be >= 1")
     if cfg.model.params_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.params_dtype must be float32 or bfloat16, got {cfg.model.params_dtype!r}")
     if not cfg.model.hf_dir:
         raise ConfigError("model.hf_dir is required (HF folder with config.json and tokenizer)")
-    if not cfg.model.build_tiny and not (Path(cfg.model.hf_dir) / "config.json").is_file():
+    if d.tiny_model not in ("", "text", "vl"):
+        raise ConfigError(f"demo.tiny_model must be text, vl or empty, got {d.tiny_model!r}")
+    if not d.tiny_model and not (Path(cfg.model.hf_dir) / "config.json").is_file():
         raise ConfigError(f"model.hf_dir {cfg.model.hf_dir}: config.json not found")
     if cfg.model.init_checkpoint and not Path(cfg.model.init_checkpoint).exists():
         raise ConfigError(f"model.init_checkpoint {cfg.model.init_checkpoint} does not exist")
     if not cfg.data.train_file:
         raise ConfigError("data.train_file is required")
-    if not cfg.data.synthetic_task and not Path(cfg.data.train_file).is_file():
+    if not d.synthetic_task and not Path(cfg.data.train_file).is_file():
         raise ConfigError(f"data.train_file {cfg.data.train_file} not found")
     for name in ("student_template", "teacher_template"):
         path = getattr(cfg.data, name)
         if path and not Path(path).is_file():
             raise ConfigError(f"data.{name} {path} not found")
+    f = cfg.test_faults
+    if f.crash_in_save_at_step < 0 or f.crash_in_save_phase not in ("writing", "published"):
+        raise ConfigError("test_faults.crash_in_save_at_step must be >= 0 and crash_in_save_phase writing or published")
+
+
+RESUME_MODES = ("auto", "require", "never")
 
 
 def check_model_fits(cfg: Config, world_size: int) -> None:
@@ -314,127 +373,3 @@ def check_model_fits(cfg: Config, world_size: int) -> None:
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
-
-
-# --------------------------------------------------------------------------------- resuming
-RESUME_MODES = ("auto", "require", "never")
-
-RESUME_MUST_MATCH: tuple[str, ...] = (
-    # what is trained: the architecture (the HF config.json of model.hf_dir, compared key by key
-    # with the checkpoint's hf/config.json, wherever the folder now lives) and its precision
-    "model.params_dtype",
-    # on what: the dataset, its order and the prompts built from it (max_prompt_tokens decides
-    # which rows are usable, so it changes the sampler's dataset). data.synthetic_* only matter
-    # while the file is generated; the sampler also refuses a different row count.
-    "data.train_file",
-    "data.seed",
-    "data.student_template",
-    "data.teacher_template",
-    "data.max_prompt_tokens",
-    # how responses are sampled, scored and turned into a loss
-    "rollout.group_size",
-    "rollout.temperature",
-    "rollout.top_p",
-    "rollout.truncated_is_cap",
-    "reward.accuracy_weight",
-    "reward.format_bonus",
-    "algorithm.*",
-    "trainer.seed",  # rollout seeds derive from (trainer.seed, step, sample)
-    "trainer.prompts_per_step",
-)
-"""Fields that define a run: resuming with any of them changed is refused (one config error line
-naming the field, the checkpoint's value and the new one). To change one, start a new run in
-another trainer.output_dir (model.init_checkpoint=OUTPUT/checkpoints starts it from these weights).
-
-Everything else may change on resume, and each change is logged (`resume: FIELD OLD -> NEW`):
-- parallel.*: checkpoints reshard to any TP/PP/world size (RNG states are then re-seeded
-  rather than restored, as in Megatron-LM);
-- optim.*: lr / weight decay / betas / grad_clip take effect from the resumed step (e.g. a lower
-  lr after a spike); the optimizer's moments and step count are restored;
-- rollout.max_new_tokens (a response-length curriculum) and the engine's resources
-  (vllm_tensor_parallel_size, kv_cache_mb, gpu_memory_utilization, weight_bucket_mb);
-- reward.timeout_s, trainer.micro_batch_size (memory only);
-- bookkeeping: trainer.steps, save_interval, keep_checkpoints, output_dir, tensorboard,
-  max_consecutive_nonfinite, resume, inject_*;
-- what only matters for a fresh start: model.hf_dir's path, model.init_checkpoint,
-  model.build_tiny / tiny_*, data.synthetic_*, trainer.warmup_sft_*."""
-
-_PATH_FIELDS = {"data.train_file", "data.student_template", "data.teacher_template"}
-# HF config.json keys that do not describe the architecture
-_HF_CONFIG_NOISE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
-
-
-def resume_step_dir(cfg: Config) -> Path | None:
-    """The checkpoint (step directory) this run will resume from, per `trainer.resume`."""
-    from megatron_rlsd.checkpoint import dist as ckpt
-
-    if cfg.trainer.resume == "never":
-        return None
-    root = ckpt.checkpoint_root(cfg.trainer.output_dir)
-    try:
-        step_dir = ckpt.latest_step_dir(root)
-    except FileNotFoundError as e:
-        raise ConfigError(f"{e}; fix {root / ckpt.LATEST} or set trainer.resume=never to start over") from None
-    if step_dir is None and cfg.trainer.resume == "require":
-        raise ConfigError(f"trainer.resume=require but {root} holds no checkpoint (no '{ckpt.LATEST}' file)")
-    return step_dir
-
-
-def check_resume(cfg: Config) -> list[str]:
-    """Compare this config with the one the checkpoint to resume was written with.
-
-    Raises ConfigError (one line) when a RESUME_MUST_MATCH field or the model architecture
-    differs; returns one note per other field that changed. Nothing to resume: no notes."""
-    import json
-
-    from megatron_rlsd.checkpoint import dist as ckpt
-
-    step_dir = resume_step_dir(cfg)
-    if step_dir is None:
-        return []
-    saved_path = step_dir / ckpt.TRAIN_CONFIG
-    if not saved_path.is_file():
-        return [f"resume: {step_dir} has no {ckpt.TRAIN_CONFIG} (an older checkpoint); config compatibility not checked"]
-    saved, now = _flatten(json.loads(saved_path.read_text())), _flatten(to_dict(cfg))
-    fix = (f"keep the saved value, or start a new run (another trainer.output_dir or trainer.resume=never; "
-           f"model.init_checkpoint={step_dir.parent} starts it from these weights)")  # fmt: skip
-    notes = []
-    for key in sorted(set(saved) & set(now)):
-        old, new = saved[key], now[key]
-        if _same(key, old, new):
-            continue
-        section = key.split(".")[0]
-        if key in RESUME_MUST_MATCH or f"{section}.*" in RESUME_MUST_MATCH:
-            raise ConfigError(f"cannot resume {step_dir}: {key}={new!r} but the checkpoint was written with {key}={old!r}; {fix}")
-        notes.append(f"resume: {key} {old!r} -> {new!r}")
-    saved_hf, new_hf = step_dir.parent / ckpt.HF_SUBDIR / "config.json", Path(cfg.model.hf_dir) / "config.json"
-    if saved_hf.is_file() and new_hf.is_file():
-        a, b = _flatten(json.loads(saved_hf.read_text())), _flatten(json.loads(new_hf.read_text()))
-        for key in sorted(set(a) | set(b)):
-            if a.get(key) != b.get(key) and key.rsplit(".", 1)[-1] not in _HF_CONFIG_NOISE:
-                raise ConfigError(
-                    f"cannot resume {step_dir}: model.hf_dir {new_hf.parent} has {key}={b.get(key)!r} in config.json "
-                    f"but the checkpoint's model has {key}={a.get(key)!r} ({saved_hf}); a checkpoint only resumes the same architecture"
-                )  # fmt: skip
-    return notes
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out |= _flatten(v, key + ".")
-        else:
-            out[key] = v
-    return out
-
-
-def _same(key: str, old, new) -> bool:
-    if old == new:
-        return True
-    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
-        return list(old) == list(new)
-    if key in _PATH_FIELDS and old and new:  # the same file through another path
-        return os.path.realpath(old) == os.path.realpath(new)
-    return False

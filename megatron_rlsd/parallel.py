@@ -24,46 +24,37 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
+    """Not implemented (must stay null): the trainer drives one model chunk per stage."""
     context_parallel_size: int = 1
+    """Not implemented (must stay 1): the trainer does not split sequences."""
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
-                     "context_parallel_size"):  # fmt: skip
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        vpp = self.virtual_pipeline_model_parallel_size
-        if vpp is not None and vpp < 1:
-            raise ValueError(f"parallel.virtual_pipeline_model_parallel_size must be >= 1, got {vpp}")
+        if self.virtual_pipeline_model_parallel_size not in (None, 1):
+            raise ValueError(
+                "parallel.virtual_pipeline_model_parallel_size is not implemented (the trainer builds one model "
+                "chunk per pipeline stage); set it to null"
+            )
+        if self.context_parallel_size != 1:
+            raise ValueError(
+                "parallel.context_parallel_size > 1 is not implemented (sequences are not split across ranks); "
+                "set it to 1 and use tensor parallelism for long sequences"
+            )
 
     @property
     def model_parallel_size(self) -> int:
-        return (
-            self.tensor_model_parallel_size
-            * self.pipeline_model_parallel_size
-            * self.context_parallel_size
-        )
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size
 
     def data_parallel_size(self, world_size: int) -> int:
         if world_size % self.model_parallel_size:
             raise ValueError(
-                f"world size {world_size} is not divisible by TP*PP*CP = "
-                f"{self.tensor_model_parallel_size}*{self.pipeline_model_parallel_size}*"
-                f"{self.context_parallel_size}; launch a multiple of "
+                f"world size {world_size} is not divisible by TP*PP = "
+                f"{self.tensor_model_parallel_size}*{self.pipeline_model_parallel_size}; launch a multiple of "
                 f"{self.model_parallel_size} processes"
             )
         return world_size // self.model_parallel_size
-
-    def check_platform(self, platform: Platform) -> None:
-        """Refuse layouts the CPU path cannot run (no fused kernels, no CP, no interleaving)."""
-        if not platform.is_cpu:
-            return
-        if (self.virtual_pipeline_model_parallel_size or 1) > 1:
-            raise ValueError(
-                "virtual pipeline parallelism needs CUDA; set "
-                "parallel.virtual_pipeline_model_parallel_size=null on CPU"
-            )
-        if self.context_parallel_size > 1:
-            raise ValueError("context parallelism needs CUDA; set parallel.context_parallel_size=1 on CPU")
 
 
 def init_distributed(
@@ -77,7 +68,6 @@ def init_distributed(
     from megatron.core import parallel_state
 
     platform = platform or select_platform()
-    parallel.check_platform(platform)
     if platform.is_cpu:
         apply_cpu_layer()
 
@@ -86,7 +76,7 @@ def init_distributed(
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if not platform.is_cpu:
@@ -97,8 +87,6 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
-            context_parallel_size=parallel.context_parallel_size,
         )
     return platform
 
@@ -120,9 +108,25 @@ def destroy_distributed() -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for single-process groups and test launches)."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def collective_device() -> torch.device:
+    """Where tensors for torch.distributed collectives must live: NCCL takes CUDA tensors only,
+    gloo host tensors."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_scalar(value: float, op=dist.ReduceOp.SUM, group=None) -> float:
+    """A float reduced over `group` (default: the world), on the backend's device."""
+    t = torch.tensor([float(value)], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(t, op=op, group=group)
+    return float(t.item())

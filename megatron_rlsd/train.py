@@ -3,8 +3,10 @@
     torchrun --nproc-per-node N -m megatron_rlsd.train --config CONFIG.yaml [section.key=value ...]
 
 The configuration is validated (one clear line on error, exit code 2) before torch.distributed,
-Megatron or vLLM are initialised, including its compatibility with the checkpoint it would resume
-(config.check_resume). Data problems found while setting up (no usable row) are config errors too.
+Megatron or vLLM are initialised, including its compatibility with the checkpoint it would resume.
+Data problems found while setting up (no usable row) are config errors too. Then: distributed
+start-up, the demo's files if the config asks for them (megatron_rlsd/demo.py), building
+(megatron_rlsd/build.py), training (megatron_rlsd/trainer.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
     args = parser.parse_args(argv)
 
-    from megatron_rlsd.config import ConfigError, check_model_fits, check_resume, load_config
+    from megatron_rlsd.checkpointer import check_resume
+    from megatron_rlsd.config import ConfigError, check_model_fits, load_config
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
     def config_error(e: ConfigError) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -30,23 +35,32 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        check_model_fits(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        check_model_fits(cfg, world_size)
         check_resume(cfg)
     except ConfigError as e:
         return config_error(e)
 
-    from megatron_rlsd.parallel import destroy_distributed
+    from megatron_rlsd import demo
+    from megatron_rlsd.build import build
+    from megatron_rlsd.parallel import destroy_distributed, init_distributed
     from megatron_rlsd.trainer import Trainer
 
-    trainer = None
+    components = trainer = None
     try:
-        trainer = Trainer(cfg)
+        platform = init_distributed(cfg.parallel)
+        if cfg.demo.enabled:
+            demo.prepare(cfg)
+            check_model_fits(cfg, world_size)  # the demo's model exists now
+        components = build(cfg, platform)
+        trainer = Trainer(cfg, components)
         trainer.run()
     except ConfigError as e:  # raised on every rank alike (e.g. a dataset without usable rows)
         return config_error(e)
     finally:
         if trainer is not None:
-            trainer.engine.close()
+            trainer.close()
+        if components is not None:
+            components.engine.close()
         destroy_distributed()
     return 0
 

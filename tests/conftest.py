@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megatron_rlsd.parallel import free_port  # noqa: E402  (after the path: the checkout's package)
 
 
 def run_tool(tool: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:

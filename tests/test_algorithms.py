@@ -22,14 +22,13 @@ import torch.multiprocessing as mp
 from conftest import free_port
 
 from megatron_rlsd.algorithms.advantages import group_advantages
+from megatron_rlsd.algorithms.loss_modes import LOSS_MODES
 from megatron_rlsd.algorithms.losses import (
-    LOSS_MODES,
     aggregate,
     opsd_token_divergence,
     policy_loss,
     sdpo_token_divergence,
     truncated_is_weights,
-    validate_loss_mode,
 )
 from megatron_rlsd.algorithms.rlsd import LambdaSchedule, rlsd_clip_fractions, rlsd_token_advantages
 from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_generalized_jsd
@@ -199,21 +198,32 @@ def test_rlsd_validation():
         rlsd_clip_fractions(seq_adv, student, teacher, torch.ones(3), 0.2)
 
 
-def test_lambda_schedule():
+def authors_lambda(step, lam0, warmup, decay):
+    """The authors' opsd_trainer.py, read literally: global_step is incremented to 1 before the
+    first update; warm-up ramps 0 -> lam0; the decay starts after it."""
+    if warmup > 0 and step < warmup:
+        return lam0 * (step / warmup)
+    if decay > 0 and step >= warmup:
+        return lam0 * max(1.0 - (step - warmup) / decay, 0.0)
+    return lam0
+
+
+def test_lambda_schedule_counts_steps_from_one_like_the_authors():
     sched = LambdaSchedule()
     assert (sched.lam0, sched.decay_steps, sched.warmup_steps) == (0.5, 50, 0)
-    assert [sched.value(s) for s in (0, 25, 50, 60)] == [0.5, 0.25, 0.0, 0.0]
-    authors = LambdaSchedule(decay_steps=60)
-    assert authors.value(30) == 0.25 and authors.value(60) == 0.0
+    # the first update (step 1) already decays; lambda is 0 from step 50 on (paper: "over 50 steps")
+    assert [sched.value(s) for s in (1, 25, 49, 50, 60)] == pytest.approx([0.49, 0.25, 0.01, 0.0, 0.0])
+    for lam0, warmup, decay in ((0.5, 0, 50), (0.5, 0, 60), (0.4, 10, 20), (0.3, 0, 0), (0.3, 5, 0)):
+        s = LambdaSchedule(lam0=lam0, decay_steps=decay, warmup_steps=warmup)
+        assert [s.value(k) for k in range(1, 120)] == pytest.approx([authors_lambda(k, lam0, warmup, decay) for k in range(1, 120)])
     warm = LambdaSchedule(lam0=0.4, decay_steps=20, warmup_steps=10)
-    assert [warm.value(s) for s in (0, 5, 10, 20, 30, 99)] == pytest.approx([0.4, 0.4, 0.4, 0.2, 0.0, 0.0])
-    const = LambdaSchedule(lam0=0.3, decay_steps=0)
-    assert const.value(0) == const.value(10_000) == 0.3
+    assert [warm.value(s) for s in (1, 5, 10, 20, 30)] == pytest.approx([0.04, 0.2, 0.4, 0.2, 0.0])  # ramps up, then decays
     for kwargs in ({"lam0": 1.5}, {"lam0": -0.1}, {"decay_steps": -1}, {"warmup_steps": -1}, {"decay_steps": 2.5}):
         with pytest.raises(ValueError):
             LambdaSchedule(**kwargs)
-    with pytest.raises(ValueError, match="step"):
-        sched.value(-1)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match="step"):
+            sched.value(bad)
 
 
 # =========================================================================== #
@@ -238,7 +248,7 @@ def ref_aggregate(per_token, mask, mode):
 
 
 def ref_policy_loss(logp, old_logp, adv, mask, eps_low, eps_high, dual_clip, agg, is_weights=None):
-    """The clipped surrogate of DESIGN.md step 5 in float64 (dual clip as in verl / EasyR1)."""
+    """The clipped surrogate (docs/algorithm.md) in float64 (dual clip as in verl / EasyR1)."""
     ratio = torch.exp(logp.double() - old_logp.double())
     a = adv.double()
     pg = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
@@ -392,14 +402,27 @@ def test_truncated_is_weights():
         truncated_is_weights(old, roll, cap=0.0)
 
 
-def test_validate_loss_mode():
-    assert LOSS_MODES == ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo")
-    for mode in LOSS_MODES:
-        assert validate_loss_mode(mode) == mode
-    with pytest.raises(ValueError, match=r"unknown loss mode 'ppo'; choose one of rlsd, grpo, opsd, grpo_opsd, sdpo"):
-        validate_loss_mode("ppo")
-    with pytest.raises(ValueError, match="unknown loss mode"):
-        validate_loss_mode("RLSD")
+def test_loss_mode_table():
+    """The registry config validation reads; each mode says what it needs from the step."""
+    from megatron_rlsd.config import AlgorithmConfig
+    from megatron_rlsd.algorithms import make_loss_mode
+
+    assert list(LOSS_MODES) == ["rlsd", "grpo", "opsd", "grpo_opsd", "sdpo"]
+    needs = {name: (m.teacher_pass, m.teacher_logits) for name, m in LOSS_MODES.items()}
+    assert needs == {"rlsd": (True, False), "grpo": (False, False), "opsd": (True, True),
+                     "grpo_opsd": (True, True), "sdpo": (True, True)}  # fmt: skip
+    adv = torch.tensor([1.0, -1.0])
+    lp = torch.zeros(2, 3)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    for name in LOSS_MODES:
+        mode = make_loss_mode(AlgorithmConfig(loss_mode=name))
+        credit, _ = mode.token_credit(1, adv, lp, lp + 0.1, mask)
+        if name in ("opsd", "sdpo"):
+            assert credit is None
+        else:  # Delta = 0.1 < log(1.2): no clipping, |credit| > |A| for A > 0 only under rlsd
+            assert credit.shape == (2, 3) and torch.equal(torch.sign(credit), torch.sign(adv)[:, None].expand(2, 3))
+    rlsd = make_loss_mode(AlgorithmConfig(loss_mode="rlsd"))
+    assert rlsd.lam(1) == pytest.approx(0.49) and make_loss_mode(AlgorithmConfig(loss_mode="grpo")).lam(1) == 0.0
 
 
 # =========================================================================== #

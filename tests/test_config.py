@@ -8,7 +8,7 @@ from megatron_rlsd.config import ConfigError, load_config
 def test_overrides_and_types(tmp_path, tiny_qwen3):
     data = tmp_path / "d.jsonl"
     data.write_text('{"id": "1", "problem": "What is 1 + 1?", "answer": "2"}\n')
-    base = [f"model.hf_dir={tiny_qwen3['untied']}", "model.build_tiny=false", f"data.train_file={data}", "data.synthetic_task="]
+    base = [f"model.hf_dir={tiny_qwen3['untied']}", "demo.tiny_model=", f"data.train_file={data}", "demo.synthetic_task="]
     cfg = load_config("examples/tiny_cpu.yaml", base + ["trainer.steps=7", "optim.lr=1e-3", "parallel.tensor_model_parallel_size=1"])
     assert cfg.trainer.steps == 7 and cfg.optim.lr == 1e-3 and cfg.parallel.tensor_model_parallel_size == 1
     assert cfg.algorithm.loss_mode == "rlsd"
@@ -22,8 +22,12 @@ def test_overrides_and_types(tmp_path, tiny_qwen3):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="eps_w must be in"):
         load_config("examples/tiny_cpu.yaml", base + ["algorithm.eps_w=1.5"])
-    with pytest.raises(ConfigError, match="virtual pipeline|parallel"):
+    with pytest.raises(ConfigError, match="parallel.tensor_model_parallel_size must be >= 1"):
         load_config("examples/tiny_cpu.yaml", base + ["parallel.tensor_model_parallel_size=0"])
+    with pytest.raises(ConfigError, match="algorithm.teacher_ema_rate must be in"):
+        load_config("examples/tiny_cpu.yaml", base + ["algorithm.teacher_ema_rate=1.0"])
+    with pytest.raises(ConfigError, match="demo.tiny_model must be"):
+        load_config("examples/tiny_cpu.yaml", base + ["demo.tiny_model=big"])
 
 
 @pytest.mark.parametrize("recipe", ["qwen3vl_8b_rlsd", "qwen3_8b_rlsd"])

@@ -2,9 +2,9 @@
 
 The launches form one lineage shared by this module's tests (a 4-rank launch costs ~50 s):
 
-  A1  run A, TP2PP2 on 4 ranks, checkpoint every step; while writing checkpoint 3 every rank
-      SIGKILLs itself (trainer.inject_crash_in_save_at_step) -> step_1, step_2 published,
-      .incomplete-step_0000003 left behind.   Copies: B <- A, C <- A.
+  A1  run A, TP2PP2 on 4 ranks, checkpoint every step; while writing checkpoint 3 (shards
+      written, no metadata yet) every rank SIGKILLs itself (test_faults.crash_in_save_*) ->
+      step_1, step_2 published, .incomplete-step_0000003 left behind.   Copies: B <- A, C <- A.
   A2  run A again with trainer.steps 3 -> 4 (an allowed change): removes the incomplete step,
       resumes from step 2, runs steps 3-4.
   B   the copy with trainer.resume=never: moves the old outputs aside, runs steps 1-4 in one go.
@@ -12,9 +12,9 @@ The launches form one lineage shared by this module's tests (a 4-rank launch cos
       under it right after the resume, in the middle of step 3.
   C2  the copy at TP1PP1 again: resumes from step 2 again and runs step 3.
 
-A (stopped, killed mid-save, resumed) must equal B bitwise: every step's metrics and the whole
-final checkpoint (model, Adam moments and step, teacher snapshot, per-rank RNG states). C's step 3
-must be close to B's. Config mismatches and bad data are checked in-process plus one single-process
+A (stopped, killed mid-save, resumed) must equal B bitwise: every step's metrics, TensorBoard's
+scalars and the whole final checkpoint (model, Adam moments and step, teacher snapshot, per-rank
+RNG states, the trainer's own state). C's step 3 must be close to B's. Config mismatches and bad data are checked in-process plus one single-process
 CLI call each (no torchrun launch).
 """
 
@@ -37,9 +37,8 @@ from conftest import REPO, free_port
 STEPS = 4
 RUN = (
     "trainer.warmup_sft_steps=30", "trainer.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=24",
-    "trainer.micro_batch_size=8", "optim.lr=5e-4", "data.synthetic_rows=64", "reward.format_bonus=0.5",
+    "trainer.micro_batch_size=8", "optim.lr=5e-4", "demo.synthetic_rows=64", "reward.format_bonus=0.5",
     "algorithm.teacher_refresh_interval=3", "trainer.save_interval=1", "trainer.keep_checkpoints=2",
-    "trainer.tensorboard=false",
 )  # fmt: skip
 # K=3: at the resumed step 2 the teacher snapshot (the warmed-up policy) differs from the policy
 
@@ -126,7 +125,7 @@ def runs(tmp_path_factory):
     work = tmp_path_factory.mktemp("resume")
     A, B, C = work / "A", work / "B", work / "C"
     logs = {}
-    rc, logs["A1"] = launch(work, A, "trainer.steps=3", "trainer.inject_crash_in_save_at_step=3")
+    rc, logs["A1"] = launch(work, A, "trainer.steps=3", "test_faults.crash_in_save_at_step=3", "test_faults.crash_in_save_phase=writing")
     assert rc != 0 and "saved checkpoint" in logs["A1"], logs["A1"][-3000:]
     snapshot_after_crash = sorted(p.name for p in (A / "checkpoints").iterdir())
     logs["A1_metrics_steps"] = [r["step"] for r in metrics(A)]
@@ -154,7 +153,7 @@ def test_crash_mid_save_resumes_from_last_complete_checkpoint(runs):
     assert f"resumed from {A / 'checkpoints' / 'step_0000002'} at step 2 (RNG states restored)" in a2
     assert ".incomplete" not in a2.split("resumed from", 1)[1].split("\n", 1)[0]
     assert "resume: trainer.steps 3 -> 4" in a2  # an allowed change, logged
-    assert "warm-start" not in a2  # resumed runs do not warm-start again
+    assert "warm start" not in a2  # resumed runs do not warm-start again
     assert sorted(p.name for p in (A / "checkpoints").iterdir()) == ["hf", "latest", "step_0000003", "step_0000004"]
     assert [r["step"] for r in metrics(A)] == [1, 2, 3, 4]  # the killed run's step 3 was replaced
     assert (A / "COMPLETED").is_file()
@@ -182,6 +181,21 @@ def test_resumed_run_equals_uninterrupted_run(runs):
     print("exact resume, max |A - B| per group:", report)
     assert all(diff == 0.0 for diff, _ in report.values()), report
     assert len([k for k in a if k.startswith("rng_state/")]) == 4  # one RNG shard per rank
+    # the trainer's own state (step, sampler position, teacher age, fault counters)
+    common = [torch.load(d / "checkpoints" / "step_0000004" / "common.pt", weights_only=False)["trainer"] for d in (A, B)]
+    assert common[0] == common[1], common
+    assert common[0]["step"] == 4 and common[0]["sampler"]["position"] == 16 and common[0]["teacher"] == {"age": 1}
+    # TensorBoard: the killed run's step 3 was purged and logged again, once
+    tb = [_tensorboard_steps(d / "tensorboard", "reward") for d in (A, B)]
+    assert tb[0] == tb[1] and [step for step, _ in tb[0]] == [1, 2, 3, 4], tb
+
+
+def _tensorboard_steps(log_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def test_start_fresh_moves_the_previous_run_aside(runs):
@@ -190,7 +204,7 @@ def test_start_fresh_moves_the_previous_run_aside(runs):
     B, log = runs["B"], runs["logs"]["B"]
     (previous,) = B.glob("previous-*")
     assert "trainer.resume=never: moved the previous run's" in log and "resumed from" not in log
-    assert "warm-start done" in log
+    assert "warm start 30/30" in log
     # the unpublished step was removed first (it is garbage), the published ones moved
     assert sorted(p.name for p in (previous / "checkpoints").iterdir()) == ["hf", "latest", "step_0000001", "step_0000002"]
     assert [r["step"] for r in metrics(previous)] == [1, 2, 3]
@@ -212,18 +226,19 @@ def test_resume_at_another_layout_after_a_kill(runs):
     assert all(math.isfinite(c3[k]) for k in ("loss", "grad_norm", "entropy"))
     for k in ("reward", "accuracy", "response_len", "lambda"):
         assert c3[k] == b3[k], (k, c3[k], b3[k])
-    # computed before the step's update: the loaded weights at another layout (grad_norm is left
-    # out: at TP>1 Megatron counts only TP rank 0's shard of weights built without
-    # perform_initialization, which lack the tensor_model_parallel attribute)
+    # computed before the step's update: the loaded weights at another layout; the gradient norm
+    # counts every TP shard of every split weight (build.mark_tensor_parallel_weights)
     diffs = {k: abs(c3[k] - b3[k]) for k in ("loss", "entropy", "teacher_student_gap", "train_rollout_logp_diff")}
-    print("TP1PP1 resume vs TP2PP2 uninterrupted at step 3, |diff|:", diffs, "grad_norm", c3["grad_norm"], b3["grad_norm"])
+    diffs["grad_norm_rel"] = abs(c3["grad_norm"] - b3["grad_norm"]) / b3["grad_norm"]
+    print("TP1PP1 resume vs TP2PP2 uninterrupted at step 3, |diff|:", diffs)
     assert max(diffs.values()) < 1e-5, diffs
 
 
 def test_config_mismatch_is_refused_and_allowed_changes_resume(runs):
     """Fields that define the run are refused with one line naming the field and both values;
     layout, optimizer, length and bookkeeping fields resume (each change noted)."""
-    from megatron_rlsd.config import ConfigError, check_resume, load_config
+    from megatron_rlsd.checkpointer import check_resume
+    from megatron_rlsd.config import ConfigError, load_config
 
     work, A = runs["work"], runs["A"]
     base = [f"model.hf_dir={work / 'tiny'}", f"data.train_file={work / 'add.jsonl'}", f"trainer.output_dir={A}", *RUN,
@@ -290,17 +305,19 @@ def test_bad_rows_are_reported_per_reason_and_no_usable_row_is_a_config_error(tm
 
     from megatron_rlsd.config import ConfigError, load_config
     from megatron_rlsd.data import PromptTemplates
-    from megatron_rlsd.trainer_setup import load_training_rows
+    from megatron_rlsd.data.training_set import load_training_rows
+    from megatron_rlsd.data.vision import PromptEncoder
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_qwen3["untied"])
     templates = PromptTemplates.from_files("examples/templates/tiny_student.txt", "examples/templates/tiny_teacher.txt")
+    encoder = PromptEncoder(tiny_qwen3["untied"], tokenizer, multimodal=False)
 
     def rows_of(lines, name):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("\n".join(lines) + "\n")
-        cfg = load_config("examples/tiny_cpu.yaml", [f"model.hf_dir={tiny_qwen3['untied']}", "model.build_tiny=false",
-                                                     f"data.train_file={path}", "data.synthetic_task=", "data.max_prompt_tokens=64"])  # fmt: skip
-        return load_training_rows(cfg, tokenizer, templates), path
+        cfg = load_config("examples/tiny_cpu.yaml", [f"model.hf_dir={tiny_qwen3['untied']}", "demo.tiny_model=",
+                                                     f"data.train_file={path}", "demo.synthetic_task=", "data.max_prompt_tokens=64"])  # fmt: skip
+        return load_training_rows(cfg.data, encoder, templates), path
 
     rows, path = rows_of(BAD_ROWS, "bad")
     assert [r.id for r in rows] == ["ok1", "ok2"]
@@ -318,7 +335,7 @@ def test_bad_rows_are_reported_per_reason_and_no_usable_row_is_a_config_error(tm
 
     # the CLI (one process, TP1PP1): exit code 2 and one config error line, before any model is built
     cmd = [sys.executable, "-m", "megatron_rlsd.train", "--config", "examples/tiny_cpu.yaml", f"model.hf_dir={tiny_qwen3['untied']}",
-           "model.build_tiny=false", f"data.train_file={tmp_path / 'all_bad.jsonl'}", "data.synthetic_task=",
+           "demo.tiny_model=", f"data.train_file={tmp_path / 'all_bad.jsonl'}", "demo.synthetic_task=",
            "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1", f"trainer.output_dir={tmp_path / 'out'}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     lines = [line for line in proc.stderr.splitlines() if "config error" in line]

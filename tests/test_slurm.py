@@ -77,7 +77,7 @@ def job_env(**extra: str) -> dict[str, str]:
 
 def tiny_overrides(work: Path, *extra: str) -> list[str]:
     return [
-        f"model.hf_dir={work / 'tiny'}", f"data.train_file={work / 'add.jsonl'}", "data.synthetic_rows=64",
+        f"model.hf_dir={work / 'tiny'}", f"data.train_file={work / 'add.jsonl'}", "demo.synthetic_rows=64",
         "trainer.warmup_sft_steps=0", "trainer.steps=2", "trainer.prompts_per_step=4", "rollout.group_size=4",
         "rollout.max_new_tokens=8", "trainer.micro_batch_size=8", *extra,
     ]  # fmt: skip

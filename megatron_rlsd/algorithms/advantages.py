@@ -1,6 +1,6 @@
 """Sequence-level advantages (GRPO group normalisation).
 
-DESIGN.md, "The algorithm", step 1::
+Paper (arXiv 2604.03128) Eq. 1, the group-normalised advantage::
 
     A^(i) = (R^(i) - mean_G R) / (std_G R + eps)
 

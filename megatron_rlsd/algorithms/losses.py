@@ -1,15 +1,5 @@
-"""Loss terms of the loss modes: clipped policy surrogate and self-distillation divergences.
-
-Loss modes (:data:`LOSS_MODES`), DESIGN.md "The algorithm":
-
-* ``rlsd``: :func:`policy_loss` with the RLSD token advantages
-  (:func:`megatron_rlsd.algorithms.rlsd.rlsd_token_advantages`).
-* ``grpo``: :func:`policy_loss` with the sequence advantage broadcast to tokens.
-* ``opsd``: :func:`opsd_token_divergence` (full-vocabulary ``D(P_T || P_S)``)
-  aggregated with :func:`aggregate`.
-* ``grpo_opsd``: ``alpha * L_opsd + L_grpo``, composed by the trainer.
-* ``sdpo``: :func:`sdpo_token_divergence` (top-k + tail JSD) aggregated with
-  :func:`aggregate`; rows without a successful sibling masked by the trainer.
+"""Loss terms: the clipped policy surrogate, its aggregation, and the self-distillation
+divergences. The loss modes (algorithms/loss_modes.py) compose them.
 
 Every per-token quantity is ``[B, T]`` over response positions with a ``mask``
 of valid (response, non-padding) tokens.  Losses are reduced by
@@ -24,30 +14,21 @@ import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
 from megatron_rlsd.algorithms.vocab_parallel import (
     _NEG_FLOOR,
-    DEFAULT_CHUNK_SIZE,
-    _all_reduce,
     _check_chunk_size,
     _check_temperature,
-    _chunks,
     _group_info,
-    _local_target,
-    _log_softmax_chunk,
-    _rows,
-    _scaled,
+    global_topk_ids,
     vocab_parallel_generalized_jsd,
     vocab_parallel_kl,
+    vocab_parallel_topk_tail_logprobs,
 )
 
 __all__ = [
-    "LOSS_MODES",
     "AGG_MODES",
     "OPSD_DIVERGENCES",
-    "validate_loss_mode",
     "aggregate",
     "policy_loss",
     "truncated_is_weights",
@@ -55,7 +36,6 @@ __all__ = [
     "sdpo_token_divergence",
 ]
 
-LOSS_MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo")
 AGG_MODES = ("token_mean", "seq_mean_token_mean")
 OPSD_DIVERGENCES = ("jsd", "forward_kl", "reverse_kl")
 
@@ -65,13 +45,6 @@ _MAX_LOG_RATIO = 20.0
 # Floor of the SDPO tail-bucket log-probability: lasgroup/SDPO clamps the
 # top-k log-mass at <= -1e-7, i.e. the tail at >= 1 - exp(-1e-7) ~ 1e-7.
 _TAIL_FLOOR = math.log(-math.expm1(-1e-7))
-
-
-def validate_loss_mode(name: str) -> str:
-    """Return ``name`` if it is one of :data:`LOSS_MODES`, else raise ``ValueError``."""
-    if name not in LOSS_MODES:
-        raise ValueError(f"unknown loss mode {name!r}; choose one of {', '.join(LOSS_MODES)}")
-    return name
 
 
 # --------------------------------------------------------------------------- #
@@ -164,7 +137,7 @@ def policy_loss(
     denominator,
     is_weights: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """PPO clipped surrogate with token advantages (DESIGN.md step 5).
+    """PPO clipped surrogate with token advantages (docs/algorithm.md, the policy loss).
 
     Per valid token, with ``rho = exp(logp - old_logp)`` and ``A = token_adv``::
 
@@ -296,7 +269,7 @@ def opsd_token_divergence(
     beta: float = 0.5,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``D(P_T || P_S)`` over the full (vocab-parallel) vocabulary (OPSD).
 
@@ -311,7 +284,7 @@ def opsd_token_divergence(
         beta: JSD interpolation weight (only for ``"jsd"``).
         tp_group: tensor-parallel group the vocabulary is sharded over (``None``: full vocab).
         temperature: softmax temperature for both distributions.
-        chunk_size: token rows per chunk (bounds fp32 temporaries).
+        chunk_size: token rows per chunk (None: sized by bytes; bounds fp32 temporaries).
 
     Returns:
         ``[...]`` fp32 per-token divergence in nats, replicated on all TP ranks.
@@ -325,120 +298,6 @@ def opsd_token_divergence(
     if divergence == "forward_kl":
         return vocab_parallel_kl(teacher, student_logits, tp_group, temperature, chunk_size)
     return vocab_parallel_kl(student_logits, teacher, tp_group, temperature, chunk_size)
-
-
-class _TopkTailLogprobFn(torch.autograd.Function):
-    """``(log P(ids) [N, k], log P(tail) [N])`` of ``softmax(logits / T)`` at GLOBAL ids.
-
-    ``tail`` is every token outside ``ids``; its mass is summed DIRECTLY over
-    those tokens (no ``1 - sum_k p`` cancellation, so a small tail keeps its
-    fp32 relative accuracy).  One chunked pass over the local vocabulary and
-    two all-reduces per chunk (max; sum-exp, tail sum-exp and the id logits
-    together); backward recomputes the softmax chunk by chunk and needs no
-    communication (outputs are replicated on all TP ranks).
-    """
-
-    @staticmethod
-    def forward(ctx, logits, ids, tp_group, temperature, chunk_size, want_tail):
-        ctx.set_materialize_grads(False)
-        world, rank = _group_info(tp_group)
-        x = _rows(logits)
-        n, v_local = x.shape
-        k = ids.shape[-1]
-        idr = ids.reshape(n, k)
-        dev = x.device
-        shift = torch.empty(n, dtype=torch.float32, device=dev)
-        log_s = torch.empty(n, dtype=torch.float32, device=dev)
-        lp = torch.empty(n, k, dtype=torch.float32, device=dev)
-        lt = torch.empty(n, dtype=torch.float32, device=dev) if want_tail else None
-        for a, b in _chunks(n, chunk_size):
-            z = _scaled(x[a:b], temperature)
-            m = z.amax(dim=-1)
-            _all_reduce(m, dist.ReduceOp.MAX, tp_group, world)
-            zs = (z - m.unsqueeze(-1)).clamp_(min=_NEG_FLOOR)  # fresh tensor: z may alias the input
-            del z
-            local, in_shard = _local_target(idr[a:b], rank, v_local)
-            zk = torch.where(in_shard, zs.gather(-1, local), torch.zeros((), device=dev))
-            e = zs.exp_()
-            parts = [e.sum(dim=-1, keepdim=True)]
-            if want_tail:
-                rows, cols = _in_shard_positions(local, in_shard)
-                e[rows, cols] = 0.0  # the tail is everything but the ids
-                parts.append(e.sum(dim=-1, keepdim=True))
-            del e, zs
-            red = _all_reduce(torch.cat(parts + [zk], dim=-1), dist.ReduceOp.SUM, tp_group, world)
-            ls = red[:, 0].log()
-            shift[a:b], log_s[a:b] = m, ls
-            lp[a:b] = red[:, len(parts):] - ls.unsqueeze(-1)
-            if want_tail:
-                lt[a:b] = red[:, 1].log() - ls
-        ctx.tp_group, ctx.rank = tp_group, rank
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.save_for_backward(logits, idr, shift, log_s, lt)
-        return lp.view(*ids.shape), (lt.view(ids.shape[:-1]) if want_tail else None)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_lp, g_lt):
-        logits, idr, shift, log_s, lt = ctx.saved_tensors
-        if not ctx.needs_input_grad[0] or (g_lp is None and g_lt is None):
-            return (None,) * 6
-        x = _rows(logits)
-        n, v_local = x.shape
-        k = idr.shape[-1]
-        dev = x.device
-        g_lp = g_lp.reshape(n, k).float() if g_lp is not None else torch.zeros(n, k, device=dev)
-        g_lt = g_lt.reshape(n).float() if g_lt is not None else torch.zeros(n, device=dev)
-        # d log P(tail) / dz_v = (p_v [v in tail] / P(tail) - p_v) / T; 0 where P(tail) == 0
-        if lt is not None:
-            tail = lt.exp()
-            coef = torch.where(tail > 0, g_lt / tail.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(tail))
-        else:
-            coef = torch.zeros(n, device=dev)
-        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
-        for a, b in _chunks(n, ctx.chunk_size):
-            p = _log_softmax_chunk(x, a, b, ctx.temperature, shift, log_s).exp_()
-            gk, gt, c = g_lp[a:b], g_lt[a:b], coef[a:b]
-            local, in_shard = _local_target(idr[a:b], ctx.rank, v_local)
-            rows, cols = _in_shard_positions(local, in_shard)
-            rest = gk.sum(dim=-1) + gt
-            # the ids: g_j - p_j * (sum_i g_i + g_tail), written over (not added
-            # to) the tail formula so that a huge coef cannot cancel there
-            gid = gk[in_shard] - p[rows, cols] * rest.unsqueeze(-1).expand_as(gk)[in_shard]
-            g = p.mul_((c - rest).unsqueeze(-1))  # tail tokens: p * (coef - sum_i g_i - g_tail)
-            g[rows, cols] = gid
-            if ctx.temperature != 1.0:
-                g.mul_(1.0 / ctx.temperature)
-            grad[a:b] = g
-            del g, p
-        return grad.view(logits.shape), None, None, None, None, None
-
-
-def _in_shard_positions(local: torch.Tensor, in_shard: torch.Tensor):
-    """``(rows, cols)`` index vectors of the ids that live in this rank's shard."""
-    rows = torch.arange(local.shape[0], device=local.device).unsqueeze(-1).expand_as(local)
-    return rows[in_shard], local[in_shard]
-
-
-def _global_topk_ids(logits: torch.Tensor, k: int, tp_group, world: int, rank: int) -> torch.Tensor:
-    """Global ids ``[..., k]`` of the ``k`` largest logits, sorted descending (no grad).
-
-    Local top-k on every rank, all-gather of the candidates, global top-k: the
-    same ids on every rank of the TP group.
-    """
-    v_local = logits.shape[-1]
-    with torch.no_grad():
-        vals, idx = torch.topk(logits.detach(), min(k, v_local), dim=-1)
-        ids = idx + rank * v_local
-        if world == 1:
-            return ids
-        vals, ids = vals.contiguous(), ids.contiguous()
-        all_vals = [torch.empty_like(vals) for _ in range(world)]
-        all_ids = [torch.empty_like(ids) for _ in range(world)]
-        dist.all_gather(all_vals, vals, group=tp_group)
-        dist.all_gather(all_ids, ids, group=tp_group)
-        top = torch.topk(torch.cat(all_vals, dim=-1), k, dim=-1).indices
-        return torch.cat(all_ids, dim=-1).gather(-1, top)
 
 
 def _generalized_jsd_small(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> torch.Tensor:
@@ -463,7 +322,7 @@ def sdpo_token_divergence(
     beta: float = 0.5,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token top-k + tail-bucket generalized JSD (SDPO, lasgroup/SDPO).
 
@@ -517,9 +376,9 @@ def sdpo_token_divergence(
     k = min(int(topk), vocab)
     want_tail = k < vocab
 
-    ids = _global_topk_ids(student_logits, k, tp_group, world, rank)
-    ls, ls_tail = _TopkTailLogprobFn.apply(student_logits, ids, tp_group, temperature, chunk_size, want_tail)
-    lt, lt_tail = _TopkTailLogprobFn.apply(teacher, ids, tp_group, temperature, chunk_size, want_tail)
+    ids = global_topk_ids(student_logits, k, tp_group, world, rank)
+    ls, ls_tail = vocab_parallel_topk_tail_logprobs(student_logits, ids, tp_group, temperature, chunk_size, want_tail)
+    lt, lt_tail = vocab_parallel_topk_tail_logprobs(teacher, ids, tp_group, temperature, chunk_size, want_tail)
     if want_tail:
         ls = torch.cat([ls, ls_tail.clamp(min=_TAIL_FLOOR).unsqueeze(-1)], dim=-1)
         lt = torch.cat([lt, lt_tail.clamp(min=_TAIL_FLOOR).unsqueeze(-1)], dim=-1)

@@ -1,7 +1,7 @@
 """RLSD token advantages: the reward sets the direction, the teacher the magnitude.
 
-DESIGN.md, "The algorithm", steps 2-4 (paper Algorithm 1, authors'
-``_build_stgca_advantages``)::
+Paper (arXiv 2604.03128) Eq. 13-15 and Algorithm 1, as the authors' code
+(``_build_stgca_advantages``) computes them::
 
     Delta_t = sg( log P_T(y_t | x, r, y_<t) - log P_S(y_t | x, y_<t) )
     w_t     = exp( sign(A) * Delta_t )
@@ -143,14 +143,16 @@ def rlsd_clip_fractions(
 
 @dataclass(frozen=True)
 class LambdaSchedule:
-    """Linear decay of the RLSD mixing coefficient.
+    """The RLSD mixing coefficient per optimizer step, as the authors' code computes it.
 
-    ``value(step) = lam0 * max(0, 1 - max(0, step - warmup_steps) / decay_steps)``:
-    ``lam0`` for the first ``warmup_steps`` optimizer steps, then linearly down
-    to 0, reached at ``step = warmup_steps + decay_steps`` and kept after.
-    ``step`` counts optimizer steps from 0.  ``decay_steps = 0`` means the
-    constant ``lam0``.  Defaults are the paper's (0.5 over 50 steps); the
-    authors' launch script uses ``decay_steps=60``.
+    ``step`` counts optimizer steps from 1 (the first update is step 1, like the authors'
+    ``global_step``)::
+
+        step < warmup_steps:  lam0 * step / warmup_steps                 (ramp up from 0)
+        otherwise:            lam0 * max(0, 1 - (step - warmup_steps) / decay_steps)
+
+    ``decay_steps = 0`` keeps ``lam0`` after the warm-up.  With the paper's values (0.5 over 50
+    steps, no warm-up) the first update uses 0.49 and every update from step 50 on uses 0.
     """
 
     lam0: float = 0.5
@@ -165,11 +167,12 @@ class LambdaSchedule:
                 raise ValueError(f"LambdaSchedule.{name} must be an integer >= 0, got {v!r}")
 
     def value(self, step: int) -> float:
-        """Lambda at optimizer step ``step`` (>= 0)."""
-        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        """Lambda for optimizer step ``step`` (>= 1)."""
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+            raise ValueError(f"step must be an integer >= 1 (optimizer steps count from 1), got {step!r}")
         lam0 = float(self.lam0)
+        if step < self.warmup_steps:
+            return lam0 * step / self.warmup_steps
         if self.decay_steps == 0:
             return lam0
-        progress = max(0, int(step) - self.warmup_steps) / self.decay_steps
-        return lam0 * max(0.0, 1.0 - progress)
+        return lam0 * max(0.0, 1.0 - (step - self.warmup_steps) / self.decay_steps)

@@ -12,9 +12,10 @@ means the logits already hold the full vocabulary and no communication happens.
 Conventions shared by every function:
 
 * ``logits`` has shape ``[..., V_local]``; the leading dims are flattened into
-  ``N`` token rows which are processed ``chunk_size`` rows at a time, so fp32
-  temporaries are bounded by ``chunk_size * V_local`` elements.  Every rank of
-  the TP group must call with the same leading shape and ``chunk_size``.
+  ``N`` token rows which are processed a chunk of rows at a time, so fp32
+  temporaries are bounded: by default a chunk holds ``CHUNK_BYTES`` of fp32
+  logits (``chunk_size`` rows when given).  Every rank of the TP group must call
+  with the same leading shape and ``chunk_size``.
 * ``temperature`` divides the logits (``softmax(logits / temperature)``); the
   input tensors are never modified in place.
 * Math is done in fp32 (each chunk is cast), results are fp32 tensors of shape
@@ -45,9 +46,13 @@ __all__ = [
     "vocab_parallel_logprobs_and_entropy",
     "vocab_parallel_kl",
     "vocab_parallel_generalized_jsd",
+    "vocab_parallel_topk_tail_logprobs",
+    "global_topk_ids",
 ]
 
-DEFAULT_CHUNK_SIZE = 4096
+# fp32 bytes of one chunk of logits rows: a few temporaries of this size live at once, whatever the
+# vocabulary (at Qwen's 151,936 entries, ~430 rows per chunk)
+CHUNK_BYTES = 256 << 20
 
 
 # --------------------------------------------------------------------------- #
@@ -80,7 +85,9 @@ def _check_temperature(temperature) -> float:
     return t
 
 
-def _check_chunk_size(chunk_size) -> int:
+def _check_chunk_size(chunk_size) -> int | None:
+    if chunk_size is None:
+        return None
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral):
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     if chunk_size < 1:
@@ -158,9 +165,25 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _chunks(n: int, chunk_size: int):
-    for start in range(0, n, chunk_size):
-        yield start, min(start + chunk_size, n)
+def _chunks(n: int, chunk_size: int | None, v_local: int):
+    """Row ranges of at most `chunk_size` rows (None: CHUNK_BYTES of fp32 logits)."""
+    rows = chunk_size or max(1, CHUNK_BYTES // (4 * max(1, v_local)))
+    for start in range(0, n, rows):
+        yield start, min(start + rows, n)
+
+
+def _shifted(chunks, tp_group, world: int):
+    """Fresh fp32 tensors ``z - max_v z`` (global max over the TP group, one all-reduce for all
+    of them) and the maxima ``[len(chunks), n]``. Unclamped: a -inf logit stays -inf."""
+    m = torch.stack([z.amax(dim=-1) for z in chunks])
+    _all_reduce(m, dist.ReduceOp.MAX, tp_group, world)
+    return [z - m[i].unsqueeze(-1) for i, z in enumerate(chunks)], m
+
+
+def _summed(parts, tp_group, world: int) -> torch.Tensor:
+    """``torch.cat`` of ``[n, k_i]`` per-row partial sums, all-reduced (one collective)."""
+    return _all_reduce(torch.cat([p if p.dim() == 2 else p.unsqueeze(-1) for p in parts], dim=-1),
+                       dist.ReduceOp.SUM, tp_group, world)  # fmt: skip
 
 
 def _local_target(target_rows: torch.Tensor, rank: int, v_local: int):
@@ -191,36 +214,28 @@ class _LogprobEntropyFn(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.float32, device=dev) if want_logp else None
         ent = torch.empty(n, dtype=torch.float32, device=dev) if want_ent else None
 
-        for a, b in _chunks(n, chunk_size):
-            z = _scaled(x[a:b], temperature)
-            m = z.amax(dim=-1)
-            _all_reduce(m, dist.ReduceOp.MAX, tp_group, world)
-            zs = z - m.unsqueeze(-1)  # fresh tensor (z may alias the input): z - max <= 0
-            del z
-            zt = None
+        for a, b in _chunks(n, chunk_size, v_local):
+            (zs,), m = _shifted([_scaled(x[a:b], temperature)], tp_group, world)  # z - max <= 0
+            parts = []
             if want_logp:  # gathered before the clamp so that a -inf target stays -inf
                 local, in_shard = _local_target(tgt[a:b], rank, v_local)
                 zt = zs.gather(-1, local.unsqueeze(-1)).squeeze(-1)
-                zt = torch.where(in_shard, zt, torch.zeros_like(zt))
+                parts.append(torch.where(in_shard, zt, torch.zeros_like(zt)))
             zs.clamp_(min=_NEG_FLOOR)
             e = zs.exp()
-            stats = [e.sum(dim=-1)]
+            parts.insert(0, e.sum(dim=-1))
             if want_ent:
-                stats.append(e.mul_(zs).sum(dim=-1))  # sum e * (z - m)
-            if want_logp:
-                stats.append(zt)
+                parts.append(e.mul_(zs).sum(dim=-1))  # sum e * (z - m)
             del e, zs
-            red = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, tp_group, world)
-            ls = red[0].log()
-            shift[a:b] = m
+            red = _summed(parts, tp_group, world)  # [n, 1 + want_logp + want_ent]
+            ls = red[:, 0].log()
+            shift[a:b] = m[0]
             log_s[a:b] = ls
-            k = 1
+            if want_logp:
+                logp[a:b] = red[:, 1] - ls
             if want_ent:
                 # H = -sum p log p = log s - sum(e * (z - m)) / s
-                ent[a:b] = ls - red[k] / red[0]
-                k += 1
-            if want_logp:
-                logp[a:b] = red[k] - ls
+                ent[a:b] = ls - red[:, -1] / red[:, 0]
 
         ctx.tp_group, ctx.rank = tp_group, rank
         ctx.temperature = temperature
@@ -247,7 +262,7 @@ class _LogprobEntropyFn(torch.autograd.Function):
         n, v_local = x.shape
         grad = torch.empty_like(x, memory_format=torch.contiguous_format)
         inv_t = 1.0 / ctx.temperature
-        for a, b in _chunks(n, ctx.chunk_size):
+        for a, b in _chunks(n, ctx.chunk_size, v_local):
             lp = _log_softmax_chunk(x, a, b, ctx.temperature, shift, log_s)
             p = lp.exp()
             if g_ent is not None:
@@ -294,7 +309,7 @@ def vocab_parallel_logprobs(
     target: torch.Tensor,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probability of ``target`` under ``softmax(logits / temperature)``.
 
@@ -306,7 +321,7 @@ def vocab_parallel_logprobs(
         tp_group: tensor-parallel group the vocabulary is sharded over, or
             ``None`` for full-vocabulary logits.
         temperature: positive scalar dividing the logits.
-        chunk_size: number of token rows processed at once.
+        chunk_size: token rows processed at once (None: as many as fit in CHUNK_BYTES of fp32).
 
     Returns:
         ``[...]`` fp32 tensor of ``log p(target)`` in nats (<= 0), differentiable
@@ -319,7 +334,7 @@ def vocab_parallel_entropy(
     logits: torch.Tensor,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Entropy ``-sum_v p_v log p_v`` of ``softmax(logits / temperature)``.
 
@@ -339,7 +354,7 @@ def vocab_parallel_logprobs_and_entropy(
     target: torch.Tensor,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(log p(target), entropy)`` in a single pass sharing the max / sum-exp.
 
@@ -359,19 +374,14 @@ def vocab_parallel_logprobs_and_entropy(
 # KL(P || Q)
 # --------------------------------------------------------------------------- #
 def _two_lognorm(zp: torch.Tensor, zq: torch.Tensor, tp_group, world: int):
-    """Global max and log-sum-exp-shift for two logit chunks with 2 all-reduces.
+    """Global log-softmax of two logit chunks, restricted to the local shard (two all-reduces).
 
-    Returns ``(zp - m_p - log s_p, zq - m_q - log s_q, m [2, n], log_s [2, n])``,
-    i.e. the global log-softmax restricted to the local shard.
+    Returns ``(log p, log q, m [2, n], log_s [2, n])`` (fresh tensors, -inf floored).
     """
-    m = torch.stack([zp.amax(dim=-1), zq.amax(dim=-1)])
-    _all_reduce(m, dist.ReduceOp.MAX, tp_group, world)
-    # fresh tensors (zp / zq may alias the inputs), clamped so -inf -> finite floor
-    lp = (zp - m[0].unsqueeze(-1)).clamp_(min=_NEG_FLOOR)
-    lq = (zq - m[1].unsqueeze(-1)).clamp_(min=_NEG_FLOOR)
-    s = torch.stack([lp.exp().sum(dim=-1), lq.exp().sum(dim=-1)])
-    _all_reduce(s, dist.ReduceOp.SUM, tp_group, world)
-    ls = s.log()
+    (lp, lq), m = _shifted([zp, zq], tp_group, world)
+    lp.clamp_(min=_NEG_FLOOR)
+    lq.clamp_(min=_NEG_FLOOR)
+    ls = _summed([lp.exp().sum(dim=-1), lq.exp().sum(dim=-1)], tp_group, world).log().t()
     lp.sub_(ls[0].unsqueeze(-1))
     lq.sub_(ls[1].unsqueeze(-1))
     return lp, lq, m, ls
@@ -386,14 +396,14 @@ class _KLFn(torch.autograd.Function):
         dev = xp.device
         stats = torch.empty(4, n, dtype=torch.float32, device=dev)  # m_p, m_q, ls_p, ls_q
         kl = torch.empty(n, dtype=torch.float32, device=dev)
-        for a, b in _chunks(n, chunk_size):
+        for a, b in _chunks(n, chunk_size, xp.shape[-1]):
             lp, lq, m, ls = _two_lognorm(
                 _scaled(xp[a:b], temperature), _scaled(xq[a:b], temperature), tp_group, world
             )
             p = lp.exp()
             part = lp.sub_(lq).mul_(p).sum(dim=-1)  # sum p * (log p - log q)
             del p, lp, lq
-            kl[a:b] = _all_reduce(part, dist.ReduceOp.SUM, tp_group, world)
+            kl[a:b] = _summed([part], tp_group, world)[:, 0]
             stats[0:2, a:b] = m
             stats[2:4, a:b] = ls
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
@@ -413,7 +423,7 @@ class _KLFn(torch.autograd.Function):
         gq = torch.empty_like(xq, memory_format=torch.contiguous_format) if need_q else None
         gflat = g_kl.reshape(-1)
         inv_t = 1.0 / ctx.temperature
-        for a, b in _chunks(n, ctx.chunk_size):
+        for a, b in _chunks(n, ctx.chunk_size, xp.shape[-1]):
             g = (gflat[a:b].float() * inv_t).unsqueeze(-1)
             lp = _log_softmax_chunk(xp, a, b, ctx.temperature, stats[0], stats[2])
             p = lp.exp()
@@ -440,7 +450,7 @@ def vocab_parallel_kl(
     q_logits: torch.Tensor,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``KL(P || Q) = sum_v P_v (log P_v - log Q_v)``.
 
@@ -479,7 +489,7 @@ class _JSDFn(torch.autograd.Function):
         log_b, log_1mb = math.log(beta), math.log1p(-beta)
         stats = torch.empty(4, n, dtype=torch.float32, device=dev)  # m_t, m_s, ls_t, ls_s
         kls = torch.empty(2, n, dtype=torch.float32, device=dev)  # KL(T||M), KL(S||M)
-        for a, b in _chunks(n, chunk_size):
+        for a, b in _chunks(n, chunk_size, xt.shape[-1]):
             lt, ls_, m, lse = _two_lognorm(
                 _scaled(xt[a:b], temperature), _scaled(xs[a:b], temperature), tp_group, world
             )
@@ -489,8 +499,7 @@ class _JSDFn(torch.autograd.Function):
             torch.exp(ls_, out=w)
             kl_s = ls_.sub_(lm).mul_(w).sum(dim=-1)  # sum s * (log s - log m)
             del w, lt, ls_, lm
-            part = torch.stack([kl_t, kl_s])
-            kls[:, a:b] = _all_reduce(part, dist.ReduceOp.SUM, tp_group, world)
+            kls[:, a:b] = _summed([kl_t, kl_s], tp_group, world).t()
             stats[0:2, a:b] = m
             stats[2:4, a:b] = lse
         ctx.beta, ctx.temperature, ctx.chunk_size = beta, temperature, chunk_size
@@ -512,7 +521,7 @@ class _JSDFn(torch.autograd.Function):
         gs = torch.empty_like(xs, memory_format=torch.contiguous_format) if need_s else None
         gflat = g_jsd.reshape(-1)
         inv_t = 1.0 / ctx.temperature
-        for a, b in _chunks(n, ctx.chunk_size):
+        for a, b in _chunks(n, ctx.chunk_size, xt.shape[-1]):
             g = (gflat[a:b].float() * inv_t).unsqueeze(-1)
             lt = _log_softmax_chunk(xt, a, b, ctx.temperature, stats[0], stats[2])
             ls_ = _log_softmax_chunk(xs, a, b, ctx.temperature, stats[1], stats[3])
@@ -545,7 +554,7 @@ def vocab_parallel_generalized_jsd(
     beta: float = 0.5,
     tp_group=None,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token generalized Jensen-Shannon divergence (TRL GKD convention).
 
@@ -584,3 +593,137 @@ def vocab_parallel_generalized_jsd(
         return vocab_parallel_kl(student_logits, teacher_logits, tp_group, temperature, chunk_size)
     jsd = _JSDFn.apply(teacher_logits, student_logits, beta, tp_group, temperature, chunk_size)
     return jsd.view(teacher_logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------- #
+# top-k + tail log-probs (SDPO)
+# --------------------------------------------------------------------------- #
+class _TopkTailFn(torch.autograd.Function):
+    """``(log P(ids) [N, k], log P(tail) [N])`` of ``softmax(logits / T)`` at GLOBAL ids.
+
+    ``tail`` is every token outside ``ids``; its mass is summed DIRECTLY over
+    those tokens (no ``1 - sum_k p`` cancellation, so a small tail keeps its
+    fp32 relative accuracy).  One chunked pass over the local vocabulary and
+    two all-reduces per chunk (max; sum-exp, tail sum-exp and the id logits
+    together); backward recomputes the softmax chunk by chunk and needs no
+    communication (outputs are replicated on all TP ranks).
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, tp_group, temperature, chunk_size, want_tail):
+        ctx.set_materialize_grads(False)
+        world, rank = _group_info(tp_group)
+        x = _rows(logits)
+        n, v_local = x.shape
+        k = ids.shape[-1]
+        idr = ids.reshape(n, k)
+        dev = x.device
+        shift = torch.empty(n, dtype=torch.float32, device=dev)
+        log_s = torch.empty(n, dtype=torch.float32, device=dev)
+        lp = torch.empty(n, k, dtype=torch.float32, device=dev)
+        lt = torch.empty(n, dtype=torch.float32, device=dev) if want_tail else None
+        for a, b in _chunks(n, chunk_size, v_local):
+            (zs,), m = _shifted([_scaled(x[a:b], temperature)], tp_group, world)
+            zs.clamp_(min=_NEG_FLOOR)
+            local, in_shard = _local_target(idr[a:b], rank, v_local)
+            zk = torch.where(in_shard, zs.gather(-1, local), torch.zeros((), device=dev))
+            e = zs.exp_()
+            parts = [e.sum(dim=-1)]
+            if want_tail:
+                rows, cols = _in_shard_positions(local, in_shard)
+                e[rows, cols] = 0.0  # the tail is everything but the ids
+                parts.append(e.sum(dim=-1))
+            del e, zs
+            red = _summed(parts + [zk], tp_group, world)
+            ls = red[:, 0].log()
+            shift[a:b], log_s[a:b] = m[0], ls
+            lp[a:b] = red[:, len(parts):] - ls.unsqueeze(-1)
+            if want_tail:
+                lt[a:b] = red[:, 1].log() - ls
+        ctx.tp_group, ctx.rank = tp_group, rank
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.save_for_backward(logits, idr, shift, log_s, lt)
+        return lp.view(*ids.shape), (lt.view(ids.shape[:-1]) if want_tail else None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_lp, g_lt):
+        logits, idr, shift, log_s, lt = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (g_lp is None and g_lt is None):
+            return (None,) * 6
+        x = _rows(logits)
+        n, v_local = x.shape
+        k = idr.shape[-1]
+        dev = x.device
+        g_lp = g_lp.reshape(n, k).float() if g_lp is not None else torch.zeros(n, k, device=dev)
+        g_lt = g_lt.reshape(n).float() if g_lt is not None else torch.zeros(n, device=dev)
+        # d log P(tail) / dz_v = (p_v [v in tail] / P(tail) - p_v) / T; 0 where P(tail) == 0
+        if lt is not None:
+            tail = lt.exp()
+            coef = torch.where(tail > 0, g_lt / tail.clamp(min=torch.finfo(torch.float32).tiny), torch.zeros_like(tail))
+        else:
+            coef = torch.zeros(n, device=dev)
+        grad = torch.empty_like(x, memory_format=torch.contiguous_format)
+        for a, b in _chunks(n, ctx.chunk_size, v_local):
+            p = _log_softmax_chunk(x, a, b, ctx.temperature, shift, log_s).exp_()
+            gk, gt, c = g_lp[a:b], g_lt[a:b], coef[a:b]
+            local, in_shard = _local_target(idr[a:b], ctx.rank, v_local)
+            rows, cols = _in_shard_positions(local, in_shard)
+            rest = gk.sum(dim=-1) + gt
+            # the ids: g_j - p_j * (sum_i g_i + g_tail), written over (not added
+            # to) the tail formula so that a huge coef cannot cancel there
+            gid = gk[in_shard] - p[rows, cols] * rest.unsqueeze(-1).expand_as(gk)[in_shard]
+            g = p.mul_((c - rest).unsqueeze(-1))  # tail tokens: p * (coef - sum_i g_i - g_tail)
+            g[rows, cols] = gid
+            if ctx.temperature != 1.0:
+                g.mul_(1.0 / ctx.temperature)
+            grad[a:b] = g
+            del g, p
+        return grad.view(logits.shape), None, None, None, None, None
+
+
+def _in_shard_positions(local: torch.Tensor, in_shard: torch.Tensor):
+    """``(rows, cols)`` index vectors of the ids that live in this rank's shard."""
+    rows = torch.arange(local.shape[0], device=local.device).unsqueeze(-1).expand_as(local)
+    return rows[in_shard], local[in_shard]
+
+
+def global_topk_ids(logits: torch.Tensor, k: int, tp_group, world: int, rank: int) -> torch.Tensor:
+    """Global ids ``[..., k]`` of the ``k`` largest logits, sorted descending (no grad).
+
+    Local top-k on every rank, all-gather of the candidates, global top-k: the
+    same ids on every rank of the TP group.
+    """
+    v_local = logits.shape[-1]
+    with torch.no_grad():
+        vals, idx = torch.topk(logits.detach(), min(k, v_local), dim=-1)
+        ids = idx + rank * v_local
+        if world == 1:
+            return ids
+        vals, ids = vals.contiguous(), ids.contiguous()
+        all_vals = [torch.empty_like(vals) for _ in range(world)]
+        all_ids = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(all_vals, vals, group=tp_group)
+        dist.all_gather(all_ids, ids, group=tp_group)
+        top = torch.topk(torch.cat(all_vals, dim=-1), k, dim=-1).indices
+        return torch.cat(all_ids, dim=-1).gather(-1, top)
+
+
+def vocab_parallel_topk_tail_logprobs(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    tp_group=None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    want_tail: bool = True,
+):
+    """``(log P(ids) [..., k], log P(tail) [...] or None)`` under ``softmax(logits / T)``.
+
+    ``ids`` are GLOBAL token ids ``[..., k]`` (the same on every TP rank, e.g. from
+    :func:`global_topk_ids`); the tail is every other token, its mass summed directly (see
+    ``_TopkTailFn``). Differentiable w.r.t. ``logits``.
+    """
+    _check_logits("logits", logits)
+    temperature = _check_temperature(temperature)
+    chunk_size = _check_chunk_size(chunk_size)
+    return _TopkTailFn.apply(logits, ids, tp_group, temperature, chunk_size, want_tail)

@@ -115,12 +115,18 @@ def _in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_sharded(sharded_state_dict: dict, step_dir: Path) -> None:
-    """Synchronous dist_checkpointing save into an existing empty directory (collective)."""
+def save_sharded(sharded_state_dict: dict, step_dir: Path, before_metadata=None) -> None:
+    """Synchronous dist_checkpointing save into an existing empty directory (collective).
+
+    `before_metadata()`, if given, runs on every rank once all ranks wrote their shards and
+    before the checkpoint's metadata exists (what a reader needs to see a checkpoint at all)."""
     from megatron.core import dist_checkpointing
 
     _in_process_results_queue()
-    dist_checkpointing.save(sharded_state_dict, str(step_dir))
+    request = dist_checkpointing.save(sharded_state_dict, str(step_dir), async_sharded_save=True)
+    if before_metadata is not None:
+        request.finalize_fns.insert(0, before_metadata)
+    request.execute_sync()
 
 
 def load_sharded(sharded_state_dict: dict, step_dir: Path, partial: bool = False) -> dict:

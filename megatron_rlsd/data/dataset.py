@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import json
-import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -45,10 +44,8 @@ import numpy as np
 
 __all__ = ["FIELDS", "EpochSampler", "PromptRow", "load_prompt_rows"]
 
-logger = logging.getLogger(__name__)
 
-FIELDS = ("id", "problem", "answer", "images")
-_LOG_FIRST = 5  # rows logged per skip reason
+FIELDS = ("id", "problem", "answer", "images", "solution")
 
 
 @dataclass
@@ -57,6 +54,7 @@ class PromptRow:
     problem: str
     answer: str
     images: list[str] = field(default_factory=list)
+    solution: str = ""  # optional reference solution (a worked response; the warm start trains on it)
 
 
 class _SkipRow(Exception):
@@ -148,12 +146,13 @@ def load_prompt_rows(
     max_problem_chars: int | None = None,
     columns: Mapping[str, str] | None = None,
     check_images: bool = False,
-) -> tuple[list[PromptRow], collections.Counter]:
+) -> tuple[list[PromptRow], dict[str, list[str]]]:
     """Read prompt rows from ``.jsonl`` or ``.parquet``; returns ``(rows, skipped)``.
 
     ``columns`` maps our field names to the file's, e.g. ``{"problem": "question"}``.
-    ``skipped`` counts skipped rows per reason (see the module docstring); the
-    first few skipped rows of each reason are logged with their id / line.
+    ``skipped`` maps each skip reason (see the module docstring) to the labels of the
+    rows skipped for it, in file order: the row's id (``"<id> (line N)"`` / ``"<id> (row N)"``
+    when the row names its own id, ``"<stem>:<N>"`` otherwise).
     ``check_images`` skips rows whose local image files are missing or not
     decodable (``missing_image`` / ``undecodable_image``), one cheap
     ``verify()`` per distinct path.
@@ -178,7 +177,7 @@ def load_prompt_rows(
         raise ValueError(f"{path}: unsupported data format {suffix!r}; use .jsonl or .parquet")
 
     rows: list[PromptRow] = []
-    skipped: collections.Counter = collections.Counter()
+    skipped: dict[str, list[str]] = collections.defaultdict(list)
     base = path.parent
     image_status: dict[str, str | None] = {}  # path -> skip reason or None (checked once per path)
     for n, record in records:
@@ -204,18 +203,16 @@ def load_prompt_rows(
                     if image_status[image] is not None:
                         raise _SkipRow(image_status[image])
         except _SkipRow as skip:
-            skipped[skip.reason] += 1
-            if skipped[skip.reason] <= _LOG_FIRST:
-                label = row_id if row_id == default_id else f"{row_id} ({where} {n})"
-                logger.warning("%s: skipping %s %s: %s", path, where, label, skip.reason)
+            skipped[skip.reason].append(row_id if row_id == default_id else f"{row_id} ({where} {n})")
             continue
-        rows.append(PromptRow(id=row_id, problem=problem, answer=answer, images=images))
+        solution = record.get(mapping["solution"])
+        rows.append(PromptRow(id=row_id, problem=problem, answer=answer, images=images,
+                              solution=solution if isinstance(solution, str) else ""))  # fmt: skip
 
-    if skipped:
-        logger.warning("%s: loaded %d rows, skipped %d (%s)", path, len(rows), sum(skipped.values()), dict(skipped))
     if not rows:
+        counts = {reason: len(labels) for reason, labels in skipped.items()}
         raise ValueError(
-            f"{path}: no usable rows (skipped: {dict(skipped) or 'file is empty'}); "
+            f"{path}: no usable rows (skipped: {counts or 'file is empty'}); "
             f"expected fields {mapping['problem']!r} and {mapping['answer']!r} (set `columns` to map other names)"
         )
     return rows, skipped

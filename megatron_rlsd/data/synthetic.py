@@ -6,8 +6,8 @@ Tasks (all answers are short integers the verifier checks exactly):
 * ``max``:  "What is the largest of 3, 7, 2?"     -> "7"
 * ``copy``: "Repeat this number: 4821"            -> "4821"
 
-:func:`sft_text` gives the ideal response in the required format, used to
-warm-start a tiny model with a few supervised steps before RL.
+:func:`sft_text` gives the ideal response in the required format; every row carries it as its
+``solution``, on which a tiny model is warm-started with a few supervised steps before RL.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def make_synthetic_rows(n: int, seed: int, task: str = "add", max_operand: int =
         else:
             digits = "".join(str(rng.randint(0, 9)) for _ in range(rng.randint(1, 4)))
             problem, answer = f"Repeat this number: {digits}", digits
-        rows.append(PromptRow(id=f"synthetic-{task}-{seed}-{i}", problem=problem, answer=answer))
+        row = PromptRow(id=f"synthetic-{task}-{seed}-{i}", problem=problem, answer=answer)
+        row.solution = sft_text(row)
+        rows.append(row)
     return rows
 
 
@@ -67,7 +69,8 @@ def sft_text(row: PromptRow) -> str:
 
 
 def write_jsonl(rows: Iterable[PromptRow], path: str | os.PathLike) -> Path:
-    """Write rows as JSONL (``id``, ``problem``, ``answer``, ``images`` when any); returns the path."""
+    """Write rows as JSONL (``id``, ``problem``, ``answer``; ``images``, ``solution`` when set);
+    returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -75,5 +78,7 @@ def write_jsonl(rows: Iterable[PromptRow], path: str | os.PathLike) -> Path:
             record = {"id": row.id, "problem": row.problem, "answer": row.answer}
             if row.images:
                 record["images"] = list(row.images)
+            if row.solution:
+                record["solution"] = row.solution
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return path

@@ -11,7 +11,8 @@ every answer can be checked from the pixels alone.  Questions (answers are one s
   (the largest shape covers at least 1.2x the pixels of any other)
 
 :func:`make_synthetic_vl_rows` writes the images and returns rows with their paths;
-:func:`sft_text_vl` gives the ideal response (like :func:`.synthetic.sft_text`), and
+:func:`sft_text_vl` gives the ideal response (like :func:`.synthetic.sft_text`; each row carries it
+as its ``solution``), and
 :func:`synthetic_vl_corpus` the task's text for training a tiny tokenizer.
 """
 
@@ -137,7 +138,9 @@ def make_synthetic_vl_rows(
         row_id = f"synthetic-vl-{seed}-{i}"
         path = out / f"{row_id}.png"
         image.save(path, format="PNG")
-        rows.append(PromptRow(id=row_id, problem=problem, answer=answer, images=[str(path)]))
+        row = PromptRow(id=row_id, problem=problem, answer=answer, images=[str(path)])
+        row.solution = sft_text_vl(row)
+        rows.append(row)
     return rows
 
 

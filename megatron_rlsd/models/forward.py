@@ -1,9 +1,11 @@
-"""Forward-only passes through Megatron's pipeline schedule (scoring, no gradients).
+"""Passes through Megatron's pipeline schedule: scoring (forward only) and training (forward and
+backward), over micro-batches that are dicts of tensors.
 
-Batches are right-padded token blocks, so the model's causal mask is all the masking needed:
-padding only ever follows real tokens. Multimodal micro-batches also carry `pixel_values`
-(patches of all the batch's images, in order of appearance), `image_grid_thw` and
-`images_per_row`.
+Batches are built on the host and cross to the model's device in one place, `to_device`, when a
+micro-batch enters a stage; everything a loss reads comes from that moved micro-batch. Batches
+are right-padded token blocks, so the model's causal mask is all the masking needed: padding only
+ever follows real tokens. Multimodal micro-batches also carry `pixel_values` (patches of all the
+batch's images, in order of appearance), `image_grid_thw` and `images_per_row`.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ from typing import Any, Callable
 
 import torch
 
+VISION_INPUTS = ("pixel_values", "image_grid_thw", "images_per_row")
+
 
 def position_ids_for(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
-VISION_INPUTS = ("pixel_values", "image_grid_thw", "images_per_row")
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def to_device(mb: dict, device: torch.device) -> dict:
+    """The micro-batch with every tensor on `device` (the one host-to-device crossing)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
 
 
 def model_inputs(mb: dict) -> tuple[tuple, dict]:
@@ -30,44 +40,78 @@ def model_inputs(mb: dict) -> tuple[tuple, dict]:
     return (tokens, position_ids, None), {k: mb[k] for k in VISION_INPUTS if mb.get(k) is not None}
 
 
-def forward_only(
-    model: torch.nn.Module,
-    micro_batches: list[dict],
-    compute: Callable[[torch.Tensor, dict], Any],
-) -> list[Any]:
-    """Run `micro_batches` (dicts with "tokens" [b, T] int64, equal shapes) through the pipeline.
-
-    On the last pipeline stage, `compute(logits, micro_batch)` is called once per micro-batch
-    with the vocab-parallel logits [b, T, V/tp] and its results are returned in order; other
-    stages return []. Every rank of the model-parallel group must call this together.
-    """
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    if not micro_batches:
-        return []
+def _check_shapes(micro_batches: list[dict]) -> tuple[int, int]:
     b, seq = micro_batches[0]["tokens"].shape
     for mb in micro_batches:
         if tuple(mb["tokens"].shape) != (b, seq):
-            raise ValueError("all micro-batches of one forward_only call must share one shape")
+            raise ValueError("all micro-batches of one pass must share one shape (pipeline messages have one size)")
+    return b, seq
+
+
+def _run(model, micro_batches, step, forward_only: bool) -> list:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, seq = _check_shapes(micro_batches)
+    return get_forward_backward_func()(
+        forward_step_func=step, data_iterator=iter(micro_batches), model=model, num_microbatches=len(micro_batches),
+        seq_length=seq, micro_batch_size=b, forward_only=forward_only, collect_non_loss_data=forward_only,
+    )  # fmt: skip
+
+
+def forward_only(model: torch.nn.Module, micro_batches: list[dict], compute: Callable[[torch.Tensor, dict], Any]) -> list[Any]:
+    """Run `micro_batches` (dicts with "tokens" [b, T] int64, equal shapes) through the pipeline
+    without gradients.
+
+    On the last pipeline stage, `compute(logits, micro_batch)` is called once per micro-batch
+    with the vocab-parallel logits [b, T, V/tp] and the micro-batch on the model's device; its
+    results are returned in order. Other stages return []. Every rank of the model-parallel group
+    must call this together."""
+    if not micro_batches:
+        return []
+    device = model_device(model)
 
     def step(data_iterator, stage_model):
-        mb = next(data_iterator)
+        mb = to_device(next(data_iterator), device)
         args, kwargs = model_inputs(mb)
-        output = stage_model(*args, **kwargs)
-        return output, partial(_collect, compute, mb)
+        return stage_model(*args, **kwargs), partial(_collect, compute, mb)
 
-    with torch.no_grad():
-        return get_forward_backward_func()(
-            forward_step_func=step,
-            data_iterator=iter(micro_batches),
-            model=model,
-            num_microbatches=len(micro_batches),
-            seq_length=seq,
-            micro_batch_size=b,
-            forward_only=True,
-            collect_non_loss_data=True,
-        )
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return _run(model, micro_batches, step, forward_only=True)
+    finally:
+        model.train(was_training)
 
 
 def _collect(compute, mb, output, non_loss_data=False):
     return compute(output, mb)
+
+
+def forward_backward(
+    model: torch.nn.Module, micro_batches: list[dict], loss_fn: Callable[[torch.Tensor, dict], tuple[torch.Tensor, dict]]
+) -> list[dict]:
+    """Forward and backward of `micro_batches` through the pipeline; gradients accumulate in the
+    model's grad buffers (reduced over data-parallel ranks when the schedule finishes).
+
+    `loss_fn(logits, mb)` returns `(loss, report)` where the losses of all micro-batches on all
+    data-parallel ranks SUM to the step's loss (each is normalised by a global count). Returns the
+    reports on the last stage ([] elsewhere)."""
+    from megatron.core import parallel_state as ps
+
+    device = model_device(model)
+    # Megatron averages the loss over micro-batches and the gradients over DP ranks; our losses
+    # are already shares of one global mean, so undo both
+    scale = len(micro_batches) * ps.get_data_parallel_world_size()
+
+    def step(data_iterator, stage_model):
+        mb = to_device(next(data_iterator), device)
+        args, kwargs = model_inputs(mb)
+
+        def loss(logits):
+            value, report = loss_fn(logits, mb)
+            return value * scale, report
+
+        return stage_model(*args, **kwargs), loss
+
+    return _run([model], micro_batches, step, forward_only=False)

@@ -24,13 +24,13 @@ class Sample:
     text: str = ""
     reward: float = 0.0
     correct: bool = False
-    reward_reason: str = ""
+    format_ok: bool = False  # the response has the required answer format
     advantage: float = 0.0
     teacher_valid: bool = True  # sdpo: False when the group has no usable successful sibling
     vision: VisionInput | None = None  # the prompt's images (student and teacher prompts share them)
 
     # What a rank fills in after generating and verifying a sample; the rest every rank already has.
-    ROLLOUT_FIELDS = ("response", "rollout_logprobs", "finish_reason", "text", "reward", "correct", "reward_reason")
+    ROLLOUT_FIELDS = ("response", "rollout_logprobs", "finish_reason", "text", "reward", "correct", "format_ok")
 
 
 @dataclass
@@ -61,10 +61,11 @@ class PackedBatch:
         return out
 
 
-def pack(samples: list[Sample], teacher: bool, pad_id: int, length: int | None = None) -> PackedBatch:
+def pack(samples: list[Sample], teacher: bool, pad_id: int) -> PackedBatch:
+    """Host tensors of the samples' prompts (student or teacher) + responses, right-padded to the
+    longest row."""
     prompts = [s.teacher_prompt if teacher else s.student_prompt for s in samples]
     seq_len = max(len(p) + len(s.response) for p, s in zip(prompts, samples))
-    seq_len = max(seq_len, length or 0)
     resp_len = max(1, max(len(s.response) for s in samples))
     b = len(samples)
     tokens = torch.full((b, seq_len), pad_id, dtype=torch.long)
@@ -82,5 +83,13 @@ def pack(samples: list[Sample], teacher: bool, pad_id: int, length: int | None =
 
 
 def response_logits(logits: torch.Tensor, resp_pos: torch.Tensor) -> torch.Tensor:
-    """[b, T, V] logits -> [b, R, V] rows that predict each response token."""
-    return logits[torch.arange(logits.shape[0]).unsqueeze(1), resp_pos]
+    """[b, T, V] logits -> [b, R, V] rows that predict each response token (a new tensor)."""
+    return logits[torch.arange(logits.shape[0], device=logits.device).unsqueeze(1), resp_pos]
+
+
+def pad_lists(values: list[list[float]], width: int) -> torch.Tensor:
+    """[len(values), width] fp32, each list left-aligned and zero-padded (or cut) to `width`."""
+    out = torch.zeros(len(values), width, dtype=torch.float32)
+    for i, v in enumerate(values):
+        out[i, : min(len(v), width)] = torch.tensor(v[:width], dtype=torch.float32)
+    return out

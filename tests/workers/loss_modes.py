@@ -1,9 +1,16 @@
-"""torchrun worker (4 ranks, TP2PP2): every loss mode trains on one model, plus fault handling.
+"""torchrun worker (4 ranks, TP2PP2): the real trainer, every loss mode, and fault handling.
 
-After a short supervised warm start (so SDPO finds correct siblings), each loss mode runs two
-steps: losses must be finite and the weights must change. Then an injected NaN loss must be
-skipped (weights unchanged, counted), and consecutive NaNs must stop the run with the last good
-checkpoint intact. Writes a JSON report on rank 0.
+1. One plain RLSD step at rollout temperature 0.7: the engines' log-probs of their samples must
+   equal Megatron's after the weight sync (train_rollout_logp_maxdiff), every weight-sync bucket
+   must respect rollout.weight_bucket_mb.
+2. One step per loss mode on a batch that is known to contain a correct response in every group
+   (sample 0 of each group is replaced by the row's reference solution before rewards are
+   computed): losses finite and non-zero, gradient norm > 0, and with Adam's moments reset and
+   no weight decay every weight moves against its gradient (first Adam step: sign(dw) =
+   -sign(g)). Teacher refreshes every K=2 steps; truncated IS is on (planted samples carry
+   rollout log-probs of 0, so their TIS weights are < 1).
+3. An injected NaN loss is skipped (weights unchanged, counted); consecutive NaNs stop the run;
+   the last good checkpoint loads back the weights it was saved with.
 
     torchrun --nproc-per-node 4 tests/workers/loss_modes.py REPORT.json [config overrides...]
 """
@@ -17,55 +24,103 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_rlsd.algorithms import make_loss_mode  # noqa: E402
+from megatron_rlsd.build import build  # noqa: E402
 from megatron_rlsd.config import load_config  # noqa: E402
+from megatron_rlsd.optimizer import reset_moments  # noqa: E402
+from megatron_rlsd.parallel import all_reduce_scalar, init_distributed  # noqa: E402
 from megatron_rlsd.trainer import Trainer  # noqa: E402
-from megatron_rlsd.trainer_setup import save_checkpoint, warm_start_sft  # noqa: E402
+
+MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo")
 
 
-def weights_checksum(trainer) -> float:
-    total = torch.zeros(1, dtype=torch.float64)
-    for p in trainer.module.parameters():
-        total += p.detach().double().abs().sum()
-    dist.all_reduce(total)
-    return total.item()
+def weights(trainer):
+    return [p.detach().clone() for p in trainer.module.parameters()]
+
+
+def plant_solutions(trainer, samples, mine):
+    """Sample 0 of every group (where this rank generated it) becomes the row's ideal response."""
+    tok = trainer.c.tokenizer
+    for i in mine:
+        s = samples[i]
+        if i % trainer.cfg.rollout.group_size == 0:
+            s.response = tok(s.row.solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            s.rollout_logprobs = [0.0] * len(s.response)
+            s.text = tok.decode(s.response, skip_special_tokens=True)
+
+
+def against_gradient(trainer, before) -> dict:
+    """Per element: the step moved every weight against its (clipped) gradient, or not at all."""
+    agree = moved = 0
+    dot = 0.0
+    for p, b in zip(trainer.module.parameters(), before):
+        dw, g = p.detach() - b, p.main_grad
+        agree += int(((dw * g) > 0).sum())  # moved along the gradient: wrong
+        moved += int((dw != 0).sum())
+        dot += float((dw * g).sum())
+    return {"moved_with_gradient": int(all_reduce_scalar(agree)), "moved": int(all_reduce_scalar(moved)),
+            "dot": all_reduce_scalar(dot)}  # fmt: skip
 
 
 def main(report_path, *overrides):
     cfg = load_config("examples/tiny_cpu.yaml", list(overrides))
-    trainer = Trainer(cfg)
-    trainer.out_dir.mkdir(parents=True, exist_ok=True)
-    warm_start_sft(trainer)
-    trainer.sync_weights()
-    report = {"modes": {}}
-    for mode in ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo"):
+    platform = init_distributed(cfg.parallel)
+    trainer = Trainer(cfg, build(cfg, platform))
+    buckets = []
+    sync = trainer.c.engine.update_weights
+
+    def recording_sync(it):
+        def record():
+            for bucket in it:
+                buckets.append(sum(t.numel() * t.element_size() for _, t in bucket))
+                yield bucket
+
+        sync(record())
+
+    trainer.c.engine.update_weights = recording_sync
+    trainer.start()  # warm start, first sync
+    report = {"temperature": trainer.temperature, "modes": {}, "teacher": []}
+    row = trainer.train_step()
+    report["plain_step"] = {k: row[k] for k in ("train_rollout_logp_maxdiff", "train_rollout_logp_diff", "reward", "grad_norm")}
+    report["buckets"] = {"count_per_sync": len(buckets) // 2, "max_bytes": max(buckets), "cap": cfg.rollout.weight_bucket_mb << 20}
+
+    for mode in MODES:
         cfg.algorithm.loss_mode = mode
-        before = weights_checksum(trainer)
-        rows = [trainer.train_step() for _ in range(2)]
-        report["modes"][mode] = {
-            "losses": [r.get("loss") for r in rows],
-            "grad_norms": [r.get("grad_norm") for r in rows],
-            "weights_changed": weights_checksum(trainer) != before,
-        }
+        trainer.mode = make_loss_mode(cfg.algorithm, cfg.rollout.truncated_is_cap)
+        reset_moments(trainer.c.optimizer)
+        samples, mine = trainer.generate_rollouts(trainer.next_prompts())
+        plant_solutions(trainer, samples, mine)
+        before = weights(trainer)
+        row = trainer.learn_from(samples, mine)
+        report["modes"][mode] = {k: row.get(k) for k in ("loss", "grad_norm", "update_ok", "accuracy", "pg_tis_weight")}
+        report["modes"][mode] |= against_gradient(trainer, before)
+        in_sync = all(torch.equal(t, p) for t, p in zip(trainer.teacher.weights, trainer.module.parameters()))
+        report["teacher"].append({"step": trainer.step, "age": trainer.teacher.age, "equals_policy": in_sync})
 
     cfg.algorithm.loss_mode = "rlsd"
-    save_checkpoint(trainer)
-    good_step = trainer.step
-    cfg.trainer.inject_nan_at_steps = ",".join(str(trainer.step + i) for i in (1, 2, 3))
+    trainer.mode = make_loss_mode(cfg.algorithm, cfg.rollout.truncated_is_cap)
+    trainer.save_checkpoint()
+    good_step, saved = trainer.step, weights(trainer)
+    trainer.faults.nan_steps = {good_step + i for i in (1, 2, 3)}
     cfg.trainer.max_consecutive_nonfinite = 2
-    before = weights_checksum(trainer)
     row = trainer.train_step()
     report["nan"] = {"update_ok": row["update_ok"], "skipped": row["nonfinite_skipped"],
-                     "weights_unchanged": weights_checksum(trainer) == before}  # fmt: skip
+                     "weights_unchanged": all(torch.equal(a, b) for a, b in zip(weights(trainer), saved))}  # fmt: skip
     try:
         trainer.train_step()
         report["nan"]["abort"] = None
     except RuntimeError as e:
         report["nan"]["abort"] = str(e)
-    latest = (trainer.out_dir / "checkpoints" / "latest").read_text().strip()
-    report["nan"]["latest_is_last_good"] = latest == f"step_{good_step:07d}"
+    latest = (trainer.checkpointer.root / "latest").read_text().strip()
+    for p in trainer.module.parameters():
+        p.data.zero_()
+    state = trainer.checkpointer.load()
+    report["nan"] |= {"latest_is_last_good": latest == f"step_{good_step:07d}", "loaded_step": state["step"],
+                      "loaded_weights_equal_saved": all(torch.equal(a, b) for a, b in zip(weights(trainer), saved))}  # fmt: skip
     if dist.get_rank() == 0:
         Path(report_path).write_text(json.dumps(report, indent=1))
-    trainer.engine.close()  # also tears down torch.distributed (vLLM's cleanup)
+    trainer.close()
+    trainer.c.engine.close()  # also tears down torch.distributed (vLLM's cleanup)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,196 @@
+"""The loss modes: what each needs from a training step, its token credit and its loss.
+
+Every mode is one class registered in :data:`LOSS_MODES` (the table config validation reads).
+The trainer asks a mode, never branches on its name:
+
+- ``teacher_pass`` / ``teacher_logits``: run the privileged-context forward, and keep the
+  teacher's full (vocab-parallel) distribution rather than only its log-probs of the sampled
+  tokens;
+- ``teacher_prompts(samples, templates, encode)``: replace the teacher prompts (SDPO: a successful
+  sibling);
+- ``in_loss(sample)`` / ``denominator(samples)``: whether a sample's tokens count in the loss, and
+  the global count the loss is normalised by;
+- ``token_credit(...)``: the token advantages of the clipped surrogate (None: no surrogate);
+- ``loss(mb)``: one micro-batch's loss and its metrics.
+
+Modes (arXiv 2604.03128, Sec. 5 and Table 2):
+
+* ``rlsd``: the surrogate with RLSD's token credit (rlsd.rlsd_token_advantages).
+* ``grpo``: the surrogate with the sequence advantage on every token.
+* ``opsd``: on-policy self-distillation, ``D(P_T || P_S)`` over the full vocabulary with the
+  reference answer as privileged context.
+* ``grpo_opsd``: ``L_grpo + alpha * L_opsd``.
+* ``sdpo``: the privileged context is a successful sibling rollout; top-k + tail JSD; samples
+  without one are left out of the loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from megatron_rlsd.algorithms.losses import aggregate, opsd_token_divergence, policy_loss, sdpo_token_divergence, truncated_is_weights
+from megatron_rlsd.algorithms.rlsd import LambdaSchedule, rlsd_clip_fractions, rlsd_token_advantages
+from megatron_rlsd.data.templates import user_message
+
+__all__ = ["LOSS_MODES", "LossMode", "MicroBatch", "make_loss_mode"]
+
+
+@dataclass
+class MicroBatch:
+    """What a loss sees of one micro-batch on the last pipeline stage. Per-token tensors are
+    ``[b, R]`` over response positions; ``logits`` are the vocab-parallel rows that predict them."""
+
+    logits: torch.Tensor  # [b, R, V / tp], carries the gradient
+    logp: torch.Tensor  # [b, R] log-probs of the sampled tokens at the rollout temperature (gradient)
+    mask: torch.Tensor  # [b, R] bool: response tokens of samples that count in the loss
+    old_logp: torch.Tensor  # [b, R] behaviour policy (detached)
+    rollout_logp: torch.Tensor  # [b, R] the rollout engine's log-probs
+    credit: torch.Tensor | None  # [b, R] token advantages (None: no surrogate)
+    teacher_logits: torch.Tensor | None  # [b, R, V / tp] (modes with teacher_logits)
+    denominator: float  # global count of loss tokens (or sequences), over all DP ranks
+    tp_group: object
+    temperature: float
+
+
+class LossMode:
+    """Plain GRPO; the other modes override what differs."""
+
+    name = "grpo"
+    teacher_pass = False
+    teacher_logits = False
+
+    def __init__(self, cfg, truncated_is_cap: float = 0.0):
+        self.cfg = cfg  # the `algorithm` config section
+        self.truncated_is_cap = truncated_is_cap  # > 0: truncated importance sampling in the surrogate
+
+    def teacher_prompts(self, samples: Sequence, templates, encode: Callable) -> None:
+        """Replace the samples' teacher prompts where the mode defines its own privileged context.
+        `encode(messages, images) -> (prompt ids, vision inputs)` is the trainer's prompt encoder."""
+
+    def in_loss(self, sample) -> bool:
+        return True
+
+    def denominator(self, samples: Sequence) -> float:
+        """The global count the loss is normalised by: response tokens (token_mean) or responses
+        (seq_mean_token_mean) of the samples in the loss, over the whole batch (all DP ranks)."""
+        counted = [s for s in samples if self.in_loss(s)]
+        if self.cfg.loss_agg == "token_mean":
+            return float(max(1, sum(len(s.response) for s in counted)))
+        return float(max(1, sum(1 for s in counted if s.response)))
+
+    def token_credit(self, step: int, seq_adv, student_logp, teacher_logp, mask) -> tuple[torch.Tensor | None, dict]:
+        """``([b, R] token advantages or None, {metric: token-mean over mask})`` for optimizer
+        step ``step`` (counted from 1)."""
+        return seq_adv.unsqueeze(1).expand_as(student_logp).clone(), {}
+
+    def lam(self, step: int) -> float:
+        """RLSD's mixing coefficient at ``step`` (0 for modes without it)."""
+        return 0.0
+
+    def loss(self, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+        return self._surrogate(mb)
+
+    def _surrogate(self, mb: MicroBatch) -> tuple[torch.Tensor, dict]:
+        a = self.cfg
+        tis = None
+        if self.truncated_is_cap > 0:
+            tis = truncated_is_weights(mb.old_logp, mb.rollout_logp, self.truncated_is_cap)
+        loss, metrics = policy_loss(mb.logp, mb.old_logp, mb.credit, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high,
+                                    dual_clip=a.dual_clip or None, agg=a.loss_agg, denominator=mb.denominator, is_weights=tis)  # fmt: skip
+        if tis is not None:  # mean weight: how far the rollout engine's distribution is from ours
+            metrics["tis_weight"] = tis[mb.mask].mean() if mb.mask.any() else torch.ones(())
+        return loss, metrics
+
+    def _opsd(self, mb: MicroBatch) -> torch.Tensor:
+        a = self.cfg
+        div = opsd_token_divergence(mb.logits, mb.teacher_logits, divergence=a.opsd_divergence, beta=a.opsd_beta,
+                                    tp_group=mb.tp_group, temperature=mb.temperature)  # fmt: skip
+        return aggregate(div, mb.mask, a.loss_agg, mb.denominator)
+
+
+class Rlsd(LossMode):
+    name = "rlsd"
+    teacher_pass = True
+
+    def __init__(self, cfg, truncated_is_cap: float = 0.0):
+        super().__init__(cfg, truncated_is_cap)
+        self.schedule = LambdaSchedule(cfg.lambda_init, cfg.lambda_decay_steps, cfg.lambda_warmup_steps)
+
+    def lam(self, step: int) -> float:
+        return self.schedule.value(step)
+
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask):
+        credit = rlsd_token_advantages(seq_adv, student_logp, teacher_logp, self.lam(step), self.cfg.eps_w)
+        low, high = rlsd_clip_fractions(seq_adv, student_logp, teacher_logp, mask, self.cfg.eps_w)
+        return credit, {"clip_low": low.item(), "clip_high": high.item()}
+
+
+class Opsd(LossMode):
+    name = "opsd"
+    teacher_pass = True
+    teacher_logits = True
+
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask):
+        return None, {}
+
+    def loss(self, mb):
+        return self._opsd(mb), {}
+
+
+class GrpoOpsd(LossMode):
+    name = "grpo_opsd"
+    teacher_pass = True
+    teacher_logits = True
+
+    def loss(self, mb):
+        pg, metrics = self._surrogate(mb)
+        return pg + self.cfg.grpo_opsd_alpha * self._opsd(mb), metrics
+
+
+class Sdpo(LossMode):
+    """SDPO (arXiv 2601.20802): the teacher is the model re-prompted with a successful sibling's
+    response ("{student prompt}\\n\\nCorrect solution:\\n\\n{response}\\n\\nCorrectly solve the original
+    question."); samples of a group without another correct response are left out of the loss
+    and of its denominator."""
+
+    name = "sdpo"
+    teacher_pass = True
+    teacher_logits = True
+
+    def teacher_prompts(self, samples, templates, encode):
+        by_group: dict[int, list] = {}
+        for s in samples:
+            by_group.setdefault(s.group, []).append(s)
+        for group in by_group.values():
+            for s in group:
+                others = [o for o in group if o.correct and o is not s]
+                s.teacher_valid = bool(others)
+                if others:
+                    best = min(others, key=lambda o: len(o.response))
+                    text = (f"{templates.student_text(s.row)}\n\nCorrect solution:\n\n{best.text}\n\n"
+                            "Correctly solve the original question.")  # fmt: skip
+                    s.teacher_prompt, _ = encode([user_message(text, s.row.images)], s.row.images)
+
+    def in_loss(self, sample) -> bool:
+        return sample.teacher_valid
+
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask):
+        return None, {}
+
+    def loss(self, mb):
+        a = self.cfg
+        div = sdpo_token_divergence(mb.logits, mb.teacher_logits, topk=a.sdpo_topk, beta=a.opsd_beta,
+                                    tp_group=mb.tp_group, temperature=mb.temperature)  # fmt: skip
+        return aggregate(div, mb.mask, a.loss_agg, mb.denominator), {}
+
+
+LOSS_MODES: dict[str, type[LossMode]] = {m.name: m for m in (Rlsd, LossMode, Opsd, GrpoOpsd, Sdpo)}
+
+
+def make_loss_mode(algorithm_cfg, truncated_is_cap: float = 0.0) -> LossMode:
+    """The configured loss mode; `truncated_is_cap` (rollout.truncated_is_cap) > 0 turns on
+    truncated importance sampling in the surrogate."""
+    return LOSS_MODES[algorithm_cfg.loss_mode](algorithm_cfg, truncated_is_cap)

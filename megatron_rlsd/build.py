@@ -1,0 +1,115 @@
+"""Building what a run trains with: data, model (Megatron DDP), optimizer, rollout engine.
+
+Order matters for failing early: data first (an unusable dataset is a config error before any
+model or engine exists), then the model and its optimizer, then vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_rlsd.config import Config
+from megatron_rlsd.platform import Platform
+
+
+@dataclass
+class Components:
+    platform: Platform
+    model: torch.nn.Module  # this rank's pipeline stage, wrapped in Megatron's DDP
+    shape: object  # the architecture (models/qwen3.py Qwen3Shape or a subclass)
+    optimizer: object  # Megatron optimizer over `model`
+    tokenizer: object
+    encoder: object  # chat messages (+ images) -> prompt ids (+ pixels); data/vision.py
+    templates: object  # student / teacher prompt templates
+    rows: list  # usable prompt rows
+    engine: object  # the colocated vLLM engine (None when built without one)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# Partition dimension of the weight of each Megatron tensor-parallel layer kind (by class name, so
+# the Transformer Engine variants match too).
+_TP_WEIGHT_DIM = {"ColumnParallelLinear": 0, "RowParallelLinear": 1, "VocabParallelEmbedding": 0}
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Flag every TP-split weight as tensor-parallel. Megatron-Core 0.16 sets the flag only while
+    it initialises a weight itself (perform_initialization); our weights are loaded instead, and
+    without the flag the gradient norm (hence clipping) counts only TP rank 0's shard of them."""
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    for module in model.modules():
+        dim = next((d for kind, d in _TP_WEIGHT_DIM.items() if type(module).__name__.endswith(kind)), None)
+        weight = getattr(module, "weight", None)
+        if dim is not None and isinstance(weight, torch.nn.Parameter) and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+def build_model(cfg: Config, platform: Platform, hf_config: dict):
+    """This rank's pipeline stage with the initial weights (HF folder or model.init_checkpoint),
+    wrapped in Megatron's DDP. Returns (model, shape)."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    from megatron_rlsd.checkpoint import dist as ckpt
+    from megatron_rlsd.checkpoint.hf_load import load_hf_into_stage
+    from megatron_rlsd.models.registry import build_pipeline_stage
+
+    dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
+    model, shape = build_pipeline_stage(hf_config, platform, params_dtype=dtype, init_weights=False)
+    mark_tensor_parallel_weights(model)
+    if cfg.model.init_checkpoint:
+        ckpt.load_model_weights(model, cfg.model.init_checkpoint)
+    else:
+        load_hf_into_stage(model, cfg.model.hf_dir, shape)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=not platform.is_cpu
+    )  # the distributed optimizer's state does not restore exactly on CPU
+    model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = model.no_sync
+    return model, shape
+
+
+def build_engine(cfg: Config, platform: Platform):
+    from megatron_rlsd.rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(cfg.model.hf_dir, cfg.rollout, platform, max_model_len=cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens,
+                      seed=cfg.trainer.seed, log_file=Path(cfg.trainer.output_dir) / "vllm.log")  # fmt: skip
+
+
+def build(cfg: Config, platform: Platform, with_engine: bool = True) -> Components:
+    """Everything a run needs, on every rank (collective: torch.distributed must be up).
+    `with_engine=False` leaves out vLLM (scoring and updates only)."""
+    from transformers import AutoTokenizer
+
+    from megatron_rlsd.data import PromptTemplates
+    from megatron_rlsd.data.training_set import load_training_rows
+    from megatron_rlsd.data.vision import PromptEncoder
+    from megatron_rlsd.optimizer import build_optimizer
+    from megatron_rlsd.parallel import seed_model_parallel_rng
+
+    seed_everything(cfg.trainer.seed)
+    seed_model_parallel_rng(cfg.trainer.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    templates = PromptTemplates.from_files(cfg.data.student_template or None, cfg.data.teacher_template or None)
+    hf_config = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
+    encoder = PromptEncoder(cfg.model.hf_dir, tokenizer, multimodal="vision_config" in hf_config)
+    rows = load_training_rows(cfg.data, encoder, templates)
+
+    model, shape = build_model(cfg, platform, hf_config)
+    optimizer = build_optimizer(cfg.optim, model, bf16=cfg.model.params_dtype == "bfloat16")
+    engine = build_engine(cfg, platform) if with_engine else None
+    seed_everything(cfg.trainer.seed)  # vLLM's CPU worker reseeds the global generators
+    return Components(platform, model, shape, optimizer, tokenizer, encoder, templates, rows, engine)
