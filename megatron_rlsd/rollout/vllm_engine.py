@@ -20,8 +20,9 @@ Log-probs: `Generation.logprobs` are those of the distribution each token was sa
 softmax(logits / temperature), restricted to the nucleus and renormalized when top_p < 1 (vLLM's
 "processed_logprobs"). With top_p = 1 they equal log_softmax(logits / T) over the whole
 vocabulary, which is what the trainer recomputes; with top_p < 1 each one exceeds that by
--log(probability mass of its step's nucleus under softmax(logits / T)). `score` returns
-temperature-1 log-probs of given tokens (prompt log-probs skip the sampling transforms).
+-log(probability mass of its step's nucleus under softmax(logits / T)). Greedy decoding
+(temperature 0) returns those of softmax(logits). `score` returns temperature-1 log-probs of given
+tokens (prompt log-probs skip the sampling transforms).
 
 Logging: vLLM's records (logger "vllm" and its children) go to `log_file` at
 `rollout.vllm_log_level` and above; only errors reach the console (stderr). Every rank appends to
