@@ -1,5 +1,5 @@
 """torchrun worker (1 rank): the repo's VLLMEngine on image prompts of the tiny Qwen3-VL, starting
-from dummy weights, every weight pushed with load_bucket. Writes a JSON report that
+from dummy weights, every weight pushed with update_weights. Writes a JSON report that
 tests/test_tiny_vl.py compares with HF transformers.
 
     torchrun --nproc-per-node 1 tests/workers/vllm_images.py SPEC.json REPORT.json
@@ -21,6 +21,7 @@ CASES = {
 }
 CASE_IMAGES = {"one_image": ["b"], "two_images": ["a", "c"]}
 RESPONSE = "The answer is <answer>7</answer>."
+TEMPERATURE = 0.7  # generate's: its log-probs are those of softmax(logits / TEMPERATURE)
 
 
 def perturbed(state: dict[str, torch.Tensor], seed: int, only: str = "") -> dict[str, torch.Tensor]:
@@ -48,10 +49,12 @@ def _worker(spec_path: str, report_path: str) -> None:
     images = [spec["images"][c] for c in CASES]  # file paths: the engine opens them
 
     def push(state):  # two buckets: the vision tower, then the language model and head
-        visual = [(k, v) for k, v in sorted(state.items()) if k.startswith("model.visual.")]
-        engine.load_bucket(visual)
-        engine.load_bucket([(k, v) for k, v in sorted(state.items()) if not k.startswith("model.visual.")])
-        engine.finish_weight_update()
+        def buckets():
+            yield [(k, v) for k, v in sorted(state.items()) if k.startswith("model.visual.")]
+            yield [(k, v) for k, v in sorted(state.items()) if not k.startswith("model.visual.")]
+
+        engine.sleep()  # as after a rollout
+        engine.update_weights(buckets())
 
     def score():  # the expanded prompt + response of each case
         return dict(zip(CASES, engine.score([spec["sequences"][c] for c in CASES], images)))
@@ -62,7 +65,7 @@ def _worker(spec_path: str, report_path: str) -> None:
     report["synced"] = score()
     # the same prompts with one placeholder per image (chat template) and processor-expanded
     prompts = [spec["prompts"][c] for c in CASES] + [spec["expanded_prompts"][c] for c in CASES]
-    gens = engine.generate(prompts, [11, 12, 11, 12], temperature=1.0, top_p=1.0, max_new_tokens=6,
+    gens = engine.generate(prompts, [11, 12, 11, 12], temperature=TEMPERATURE, top_p=1.0, max_new_tokens=6,
                            stop_token_ids=[], images=images + images)  # fmt: skip
     report["generate"] = [g.__dict__ for g in gens]
     # bad placeholders are refused: a count that does not match the images, and an expansion

@@ -4,7 +4,7 @@ Every rank hosts a vLLM engine (external_launcher). After a sync, every engine's
 fixed sequences equal Megatron's; after the Megatron weights change and are synced again, the
 engines follow. Writes a JSON report on rank 0.
 
-    torchrun --nproc-per-node 4 tests/workers/weight_sync.py CKPT_ROOT REPORT.json
+    torchrun --nproc-per-node 4 tests/workers/weight_sync.py CKPT_ROOT REPORT.json VLLM_LOG
 """
 
 import json
@@ -41,15 +41,19 @@ def megatron_logprobs(model, seqs):
 
 
 def sync(model, shape, engine, bucket_mb):
-    n = 0
-    for bucket in iter_hf_buckets(model, shape, bucket_mb << 20):
-        engine.load_bucket(bucket)
-        n += 1
-    engine.finish_weight_update()
-    return n
+    """One update_weights; returns how many buckets it consumed."""
+    counted = [0]
+
+    def counting(buckets):
+        for b in buckets:
+            counted[0] += 1
+            yield b
+
+    engine.update_weights(counting(iter_hf_buckets(model, shape, bucket_mb << 20)))
+    return counted[0]
 
 
-def main(ckpt_root, report_path):
+def main(ckpt_root, report_path, vllm_log):
     platform = init_distributed(ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2))
     seed_model_parallel_rng(7)
     hf_dir = ckpt.hf_dir_of(ckpt.resolve_step_dir(ckpt_root))
@@ -58,12 +62,13 @@ def main(ckpt_root, report_path):
     ckpt.load_model_weights(model, ckpt_root)
     model.eval()
 
-    engine = VLLMEngine(str(hf_dir), RolloutConfig(kv_cache_mb=64), platform, max_model_len=128, seed=0)
+    engine = VLLMEngine(str(hf_dir), RolloutConfig(kv_cache_mb=64), platform, max_model_len=128, seed=0,
+                        log_file=vllm_log)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     seqs = torch.randint(3, 600, (3, 20), generator=g)
     report = {}
 
-    # perturb first so the initial engine weights (read from disk) are stale until synced
+    # perturb first so that only a sync can give the engines these weights (they start from dummy ones)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -76,7 +81,14 @@ def main(ckpt_root, report_path):
     dist.all_gather_object(diffs, (after - ref).abs().max().item())
     report["synced_diff_per_rank"] = diffs
 
-    # a second change, synced with one big bucket: engines follow again
+    # a second change, synced with one big bucket after the engines slept (as after rollouts,
+    # when an asleep engine refuses requests): engines follow again
+    engine.sleep()
+    try:
+        engine.score(seqs.tolist())
+        report["asleep_refusal"] = None
+    except RuntimeError as e:
+        report["asleep_refusal"] = str(e)
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1.1)
@@ -87,10 +99,10 @@ def main(ckpt_root, report_path):
     dist.all_gather_object(diffs2, (after2 - ref2).abs().max().item())
     report["second_sync_diff_per_rank"] = diffs2
     report["changed_by_second_update"] = (ref2 - ref).abs().max().item()
+    dist.barrier()  # every rank's vLLM records are in the shared log
     if dist.get_rank() == 0:
         Path(report_path).write_text(json.dumps(report, indent=1))
-    dist.barrier()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])
