@@ -170,7 +170,7 @@ rlsd_srun_args() {
 }
 
 # Run `srun ARGS... CMD...` in the background and wait for it, forwarding USR1 / TERM that reach
-# the batch shell (`#SBATCH --signal=B:USR1@300`, `scancel --signal=USR1 --batch`) to srun, which
+# the batch shell (`#SBATCH --signal=B:USR1@900`, `scancel --signal=USR1 --batch`) to srun, which
 # passes them to every process of the step. Returns srun's exit status.
 rlsd_run_step() {
     RLSD_STEP_PID=""

@@ -7,7 +7,7 @@
 #SBATCH --mem=0
 #SBATCH --time=04:00:00
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@300
+#SBATCH --signal=B:USR1@900
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.log
 #

@@ -7,7 +7,7 @@
 #SBATCH --mem=0
 #SBATCH --time=04:00:00
 #SBATCH --requeue
-#SBATCH --signal=B:USR1@300
+#SBATCH --signal=B:USR1@900
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.log
 #
@@ -39,10 +39,13 @@
 #   REPO_DIR          repository root (default: the directory sbatch was run from)
 #   SRUN_EXTRA_ARGS, TORCHRUN_EXTRA_ARGS: extra flags for srun / torchrun
 #
-# Preemption and time limits: 300 s before the time limit Slurm sends USR1 to this script, which
+# Preemption and time limits: 900 s before the time limit Slurm sends USR1 to this script, which
 # forwards it to every training process; they finish the current step, save a checkpoint, write
 # OUTPUT_DIR/STOPPED and exit; the script then runs `scontrol requeue` and the requeued job
 # resumes from the checkpoint. The same happens on `scancel --signal=USR1 --batch JOBID`.
+# The warning time must cover one step plus one checkpoint save: the paper recipe's step is about
+# 4 minutes on 4 x 8 H100 and an 8B checkpoint with optimizer state takes 1-3 minutes to write,
+# so 900 s leaves margin. Lengthen it for slower steps: sbatch --signal=B:USR1@SECONDS ...
 #
 # CPU-only test run (one node, 4 gloo processes):
 #   sbatch --nodes=1 --gpus-per-node=0 --export=ALL,CONFIG=examples/tiny_cpu.yaml \

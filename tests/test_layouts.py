@@ -31,10 +31,12 @@ def test_one_step_is_the_same_at_every_layout(tmp_path):
             assert metrics["grad_norm"] > 0 and math.isfinite(metrics["loss"]), (layout, mode, metrics)
             for key, value in metrics.items():
                 want = ref[mode][key]
-                rel = abs(value - want) / max(abs(want), 1e-3)  # near-zero metrics compared absolutely
-                worst = max(worst, rel)
-                assert rel <= 1e-5, (layout, mode, key, value, want)
-    print(f"worst relative difference to TP1PP1 over {len(report['layouts'])} layouts: {worst:.2e}")
+                # relative 1e-5 (measured: grad norms 8e-7 apart); 1e-6 absolute for metrics near 0
+                # (the teacher-student gap is a difference of log-probs: 6e-8 of fp32 noise)
+                assert abs(value - want) <= 1e-5 * abs(want) + 1e-6, (layout, mode, key, value, want)
+                if key == "grad_norm":
+                    worst = max(worst, abs(value - want) / want)
+    print(f"worst relative grad-norm difference to TP1PP1: {worst:.2e}")
     # the metrics were really computed (sdpo has no surrogate; rlsd clipped some evidence weights)
     assert {"clip_low", "clip_high", "pg_clip_frac", "teacher_student_gap", "entropy"} <= ref["rlsd"].keys()
     assert ref["rlsd"]["clip_low"] + ref["rlsd"]["clip_high"] > 0

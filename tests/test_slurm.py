@@ -147,7 +147,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes(one_node, work):
     overrides = tiny_overrides(work, f"trainer.steps={STEPS}", "trainer.save_interval=0")
     job, log = submit(one_node, work, "preempt", *overrides, CONFIG="examples/tiny_cpu.yaml", OUTPUT_DIR=str(out))
     wait_for_log(log, r"^step    2 \|", JOB_TIMEOUT, one_node, job)
-    # what Slurm does before the time limit (#SBATCH --signal=B:USR1@300): signal the batch shell only
+    # what Slurm does before the time limit (#SBATCH --signal=B:USR1@900): signal the batch shell only
     one_node.run("scancel", "--signal=USR1", "--batch", job)
     info = one_node.wait_for(job, {"COMPLETED"}, timeout=JOB_TIMEOUT, log=log)
     text = log.read_text()

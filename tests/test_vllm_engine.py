@@ -186,7 +186,7 @@ def test_engine_arguments(make_engine):
 
 def test_vllm_log_goes_to_the_file_and_only_errors_to_the_console(make_engine, tmp_path, capsys):
     log = tmp_path / "out" / "vllm.log"
-    cfg = types.SimpleNamespace(**dataclasses.asdict(RolloutConfig()), vllm_log_level="info")
+    cfg = RolloutConfig(vllm_log_level="info")
     make_engine(CPU, cfg, log_file=log)
     make_engine(CPU, cfg, log_file=log)  # a second engine in the process replaces the handlers
     child = logging.getLogger("vllm.some.module")
@@ -205,7 +205,7 @@ def test_vllm_log_goes_to_the_file_and_only_errors_to_the_console(make_engine, t
     err = capsys.readouterr().err
     assert "an error record" in err and "an info record" not in err and "Failed" not in err
     with pytest.raises(ValueError, match="rollout.vllm_log_level"):
-        make_engine(CPU, types.SimpleNamespace(**dataclasses.asdict(RolloutConfig()), vllm_log_level="LOUD"))
+        make_engine(CPU, RolloutConfig(vllm_log_level="LOUD"))
 
 
 def test_without_a_file_only_errors_are_kept(make_engine, capsys):

@@ -153,8 +153,7 @@ class VLLMEngine:
         gpu_memory_utilization, vllm_log_level). `log_file`: where vLLM's log goes (see the module
         doc); None keeps only its errors (on stderr). The engine starts awake with placeholder
         weights: call `update_weights` before the first rollout."""
-        # the trainer's config gains vllm_log_level; a rollout section without it logs warnings
-        _route_vllm_logging(log_file, getattr(cfg, "vllm_log_level", "WARNING"))
+        _route_vllm_logging(log_file, cfg.vllm_log_level)
         # In-process engine core: required by external_launcher and for tensors in collective_rpc.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM

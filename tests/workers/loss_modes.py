@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from megatron_rlsd import demo  # noqa: E402
 from megatron_rlsd.algorithms import make_loss_mode  # noqa: E402
 from megatron_rlsd.build import build  # noqa: E402
 from megatron_rlsd.config import load_config  # noqa: E402
@@ -65,6 +66,7 @@ def against_gradient(trainer, before) -> dict:
 def main(report_path, *overrides):
     cfg = load_config("examples/tiny_cpu.yaml", list(overrides))
     platform = init_distributed(cfg.parallel)
+    demo.prepare(cfg)
     trainer = Trainer(cfg, build(cfg, platform))
     buckets = []
     sync = trainer.c.engine.update_weights
