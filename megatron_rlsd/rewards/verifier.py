@@ -42,6 +42,7 @@ import collections
 import importlib.util
 import logging
 import multiprocessing
+import multiprocessing.spawn
 import os
 import re
 import sys
@@ -170,6 +171,40 @@ _PROBE = ("2x+1", "1+2x")
 _ORPHAN_GRACE_S = 5.0
 
 
+# multiprocessing's spawn makes every child import the parent's __main__ module again (for
+# objects pickled from it): a script that imports torch at the top would cost each worker seconds
+# and hundreds of MB, and an unguarded script would run again in it.  Our workers unpickle only
+# math_verify_worker's functions, so their preparation data leaves __main__ out.  The wrapper
+# acts only in a thread that is starting one of our workers; other spawns are untouched.
+_starting_worker = threading.local()
+_preparation_data = multiprocessing.spawn.get_preparation_data
+
+
+def _preparation_data_for(name: str) -> dict:
+    data = _preparation_data(name)
+    if getattr(_starting_worker, "active", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
+
+
+multiprocessing.spawn.get_preparation_data = _preparation_data_for
+
+
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        _starting_worker.active = True
+        try:
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            _starting_worker.active = False
+
+
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
+
+
 class _Unavailable(Exception):
     """No worker answered: the pool failed to start or broke, a worker died, or math-verify is off."""
 
@@ -186,12 +221,10 @@ class MathVerifier:
     while idle) is rebuilt; after ``max_start_failures`` failures in a row
     math-verify is disabled for this process (string fallback, "unparseable").
 
-    Workers are spawned, not forked: forking a process that runs torch/vLLM
-    threads is unsafe.  A worker imports :mod:`.math_verify_worker` (and with
-    it this package's rewards modules: stdlib and pebble, no torch) and, like
-    every spawned process, the caller's ``__main__`` module, so an entry
-    script keeps its work under ``if __name__ == "__main__":`` (as
-    ``megatron_rlsd.train`` does).
+    Workers are spawned, not forked (forking a process that runs torch/vLLM
+    threads is unsafe), and import only :mod:`.math_verify_worker` with this
+    package's rewards modules (stdlib and pebble; no torch), not the caller's
+    ``__main__`` module.
     """
 
     def __init__(
@@ -230,7 +263,7 @@ class MathVerifier:
             if self._pool is None and not self._disabled:
                 self._pool = ProcessPool(
                     self.max_workers, initializer=math_verify_worker.start, initargs=(self.memory_mb,),
-                    context=multiprocessing.get_context("spawn"),
+                    context=_WorkerContext(),
                 )  # fmt: skip
                 # Workers ignore SIGTERM: pebble's wait between SIGTERM and SIGKILL (3 s) would
                 # only delay every timeout kill.
