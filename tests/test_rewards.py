@@ -175,21 +175,6 @@ def test_model_output_is_never_evaluated_as_python(tmp_path):
 # --------------------------------------------------------------------------- the worker pool
 
 
-def test_timeout_holds_in_a_worker_thread():
-    results = {}
-
-    def run():
-        results["out"] = timed(score_response, f"<answer>{PATHOLOGICAL}</answer>", "2", RewardConfig(timeout_s=0.5))
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(timeout=30)
-    assert not thread.is_alive()
-    result, seconds = results["out"]
-    assert result.reason == "timeout" and result.correct is False and result.reward == 0.0
-    assert seconds < 0.5 + 1.5
-
-
 def test_concurrent_threads_get_correct_answers():
     pairs = [(f"{k}x+{k + 1}", f"{k + 1}+{k}x", True) for k in range(2, 6)]
     pairs += [(f"{k}x", f"{k + 1}x", False) for k in range(2, 6)]
@@ -215,10 +200,11 @@ def is_running(pid: int) -> bool:
     return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
 
 
-def wait_until_busy(pid: int) -> None:
-    """Until the (idle, sleeping) worker is computing."""
-    deadline = time.monotonic() + 60
-    while psutil.Process(pid).status() != psutil.STATUS_RUNNING:
+def wait_until_busy(pid: int, cpu_s: float = 0.0) -> None:
+    """Until the worker (idle: sleeping) computes, and has used ``cpu_s`` of CPU since the call."""
+    process = psutil.Process(pid)
+    start, deadline = process.cpu_times().user, time.monotonic() + 60
+    while process.status() != psutil.STATUS_RUNNING or process.cpu_times().user - start < cpu_s:
         assert time.monotonic() < deadline
         time.sleep(0.01)
 
@@ -233,13 +219,17 @@ def solo():
 
 
 def test_timeouts_kill_the_worker_and_a_new_one_takes_over(solo):
+    """From a worker thread: math-verify's own timeout (signal.alarm) works only in the main one."""
     pid, timeouts = worker_pid(solo), solo.stats["timeout"]
-    result, seconds = timed(check_answer, PATHOLOGICAL, "1", timeout_s=0.5, verifier=solo)
+    out = {}
+    thread = threading.Thread(target=lambda: out.update(r=timed(check_answer, PATHOLOGICAL, "1", 0.5, verifier=solo)))
+    thread.start()
+    thread.join(timeout=60)
+    result, seconds = out["r"]
     assert result == (False, "timeout") and solo.stats["timeout"] == timeouts + 1
     assert 0.5 <= seconds < 0.5 + 1.5
     assert not psutil.pid_exists(pid)  # killed and reaped, not left computing
-    # The replacement's start-up (~1.5 s, far more on a loaded machine) is not charged to the
-    # next call's timeout.
+    # The replacement's start-up (~2.5 s of CPU) is not charged to the next call's timeout.
     assert check_answer("3x+1", "1+3x", timeout_s=1.0, verifier=solo) == (True, "ok")
     assert worker_pid(solo) != pid
     # Falls back to the normalised exact match on timeout.
@@ -314,11 +304,13 @@ def test_dead_workers_are_replaced(solo):
     # Killed mid-task (memory cap in C, OOM killer): that call falls back, the next one works.
     pid, errors = worker_pid(solo), solo.stats["worker_error"]
     result = {}
-    thread = threading.Thread(target=lambda: result.update(out=check_answer(PATHOLOGICAL, "1", 60.0, verifier=solo)))
+    thread = threading.Thread(target=lambda: result.update(out=check_answer(PATHOLOGICAL, "1", 30.0, verifier=solo)))
     thread.start()
-    wait_until_busy(pid)
+    # Well into the task: pebble breaks the whole pool if a worker dies before it has seen the
+    # task's acknowledgement (and the task is then retried on a new pool).
+    wait_until_busy(pid, cpu_s=0.3)
     os.kill(pid, signal.SIGKILL)
-    thread.join(timeout=30)
+    thread.join(timeout=60)
     assert result["out"] == (False, "unparseable") and solo.stats["worker_error"] == errors + 1
     assert check_answer("10y", "y+9y", timeout_s=SLOW_OK, verifier=solo) == (True, "ok")
 

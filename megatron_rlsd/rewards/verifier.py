@@ -164,8 +164,6 @@ def _latex_wrap(s: str) -> str:
     return "\\boxed{" + s + "}" if _balanced(s) else "$" + s + "$"
 
 
-# A pair math-verify matches, for :meth:`MathVerifier.warmup`.
-_PROBE = ("2x+1", "1+2x")
 # A worker ends itself this long after its task's timeout; pebble kills it first unless our
 # process died (see math_verify_worker.check).
 _ORPHAN_GRACE_S = 5.0
@@ -289,7 +287,7 @@ class MathVerifier:
         """Start the workers and wait until one answers; False if math-verify is unavailable."""
         self._after_fork_check()
         try:
-            return self._call(*_PROBE, self.start_timeout_s) is not None
+            return self._call("2x+1", "1+2x", self.start_timeout_s) is not None
         except _Unavailable:
             return False
 
@@ -332,18 +330,16 @@ class MathVerifier:
     def _call(self, pred: str, gold: str, timeout_s: float) -> tuple[bool, str] | None:
         """One task on the pool: its result, or None on timeout; raises _Unavailable."""
         args = (_latex_wrap(pred), _latex_wrap(gold), timeout_s + _ORPHAN_GRACE_S)
-        for _ in range(2):  # a pool that broke before running the task is rebuilt once
+        # pebble breaks the whole pool when a worker dies outside an acknowledged task (killed
+        # while idle, say): the task then runs once more on a new pool.
+        for _ in range(2):
             pool = self._live_pool()
             if pool is None:
                 raise _Unavailable
             try:
                 future = pool.schedule(math_verify_worker.check, args, timeout=timeout_s)
-            except RuntimeError as exc:  # the pool broke since _live_pool looked at it
-                self._retire(pool, repr(exc))
-                continue
-            try:
                 result = future.result(timeout=self.start_timeout_s + timeout_s)
-            except BrokenProcessPool as exc:
+            except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: schedule() on a broken pool
                 self._retire(pool, repr(exc))
                 continue
             except TimeoutError:  # pebble's (it killed the worker), or ours (no worker took the task)
