@@ -29,7 +29,8 @@ setup(
         "pyarrow",  # parquet datasets
         "pillow",  # images: VL datasets, tools/prepare_mmfinereason.py, the synthetic VL task
         "datasets",  # tools/prepare_mmfinereason.py reads save_to_disk folders with load_from_disk
-        "math-verify>=0.9,<0.10",  # answer equivalence (run in a guarded worker process)
+        "math-verify>=0.9,<0.10",  # answer equivalence (run in guarded worker processes)
+        "pebble>=5.1,<6",  # the math-verify worker pool (per-task timeouts that kill the worker)
         "tensorboard",  # metrics
     ],
     extras_require={

@@ -13,20 +13,21 @@ How an answer is checked (:func:`check_answer`), cheapest first:
    string comparison.  math-verify would read ``no`` as the product ``n*o`` and
    call it equal to ``on``.
 4. Everything else: ``math_verify.parse`` (LaTeX extraction only) and
-   ``math_verify.verify`` in a persistent worker process.
+   ``math_verify.verify`` in a pool of worker processes.
 
-Why a worker process: math-verify's own timeout is ``signal.alarm``, which
+Why worker processes: math-verify's own timeout is ``signal.alarm``, which
 only works in the main thread (in any other thread it raises ``ValueError``),
 has whole-second resolution, and cannot stop a computation stuck in C (sympy
-evaluating ``9^{9^{9^9}}`` never returns).  The worker runs math-verify with
-its signal timeouts disabled; the caller waits on the pipe for at most
-``timeout_s`` and, past it, kills the worker (SIGKILL always works) and starts
-a fresh one in the background.  The guard therefore holds in any thread.
-Callers in several threads get one worker each (up to ``max_workers``).
+evaluating ``9^{9^{9^9}}`` never returns).  The workers
+(:mod:`.math_verify_worker`) run math-verify with its signal timeouts disabled
+in a ``pebble.ProcessPool``; a task that overruns ``timeout_s`` is killed by
+pebble (SIGKILL always works) and its worker replaced, while the caller gets
+the timeout.  The guard therefore holds in any thread.
 
 Model output is never evaluated as Python: only math-verify's LaTeX path is
 used (an ANTLR grammar), never its ``ExprExtractionConfig``, which goes through
-``sympy.parse_expr`` (``eval``).  The worker also caps its address space.
+``sympy.parse_expr`` (``eval``).  Workers also cap their address space, ignore
+the stop signals meant for the trainer, and discard stdout.
 
 When math-verify times out or is unavailable, the result falls back to the
 normalised exact match of step 1 (reason "timeout" / "unparseable"); when it
@@ -38,20 +39,22 @@ from __future__ import annotations
 
 import atexit
 import collections
-import json
+import importlib.util
 import logging
+import multiprocessing
+import multiprocessing.spawn
 import os
 import re
-import select
-import signal
-import subprocess
 import sys
 import threading
-import time
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 
+import pebble
+from pebble import ProcessExpired, ProcessPool
+
+from . import math_verify_worker
 from .extract import extract_answer, has_valid_format
 
 __all__ = [
@@ -151,7 +154,7 @@ def _clean_for_latex(s: str) -> str:
 
 
 # --------------------------------------------------------------------------- #
-# The math-verify worker process                                               #
+# The math-verify worker pool                                                  #
 # --------------------------------------------------------------------------- #
 
 
@@ -161,269 +164,141 @@ def _latex_wrap(s: str) -> str:
     return "\\boxed{" + s + "}" if _balanced(s) else "$" + s + "$"
 
 
-def _math_verify_check(pred: str, gold: str) -> tuple[bool, str]:
-    """math-verify on two answer strings, signal timeouts off (run in the worker)."""
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    config = [LatexExtractionConfig()]
-    gold_parsed = parse(_latex_wrap(gold), extraction_config=config, parsing_timeout=None)
-    pred_parsed = parse(_latex_wrap(pred), extraction_config=config, parsing_timeout=None)
-    match = bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-    parsed_both = any(not isinstance(x, str) for x in gold_parsed) and any(not isinstance(x, str) for x in pred_parsed)
-    return match, ("ok" if parsed_both else "unparseable")
+# A worker ends itself this long after its task's timeout; pebble kills it first unless our
+# process died (see math_verify_worker.check).
+_ORPHAN_GRACE_S = 5.0
 
 
-_WARMUP_PAIRS = (
-    ("1/2", "0.5"),
-    ("x=3", "3"),
-    ("2x+1", "1+2x"),
-    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
-    ("\\{1,2\\}", "\\{2,1\\}"),
-    ("(1,2)", "(1, 2)"),
-    ("50\\%", "0.5"),
-    ("\\sqrt{2}", "2"),
-    ("2\\pi", "\\frac{\\pi}{2}"),
-    ("\\sin(x)", "\\cos(x)"),
-    ("\\log(2)", "e^{2}"),
-    ("x^2-1", "(x-1)(x+1)"),
-    ("[1,2)", "x<2"),
-    ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"),
-)
+# multiprocessing's spawn makes every child import the parent's __main__ module again (for
+# objects pickled from it): a script that imports torch at the top would cost each worker seconds
+# and hundreds of MB, and an unguarded script would run again in it.  Our workers unpickle only
+# math_verify_worker's functions, so their preparation data leaves __main__ out.  The wrapper
+# acts only in a thread that is starting one of our workers; other spawns are untouched.
+_starting_worker = threading.local()
+_preparation_data = multiprocessing.spawn.get_preparation_data
 
 
-def _watch_parent(ppid: int) -> None:
-    while os.getppid() == ppid:
-        time.sleep(0.5)
-    os._exit(0)
+def _preparation_data_for(name: str) -> dict:
+    data = _preparation_data(name)
+    if getattr(_starting_worker, "active", False):
+        data.pop("init_main_from_name", None)
+        data.pop("init_main_from_path", None)
+    return data
 
 
-def _limit_memory(headroom_mb: int) -> None:
-    if headroom_mb <= 0:
-        return
-    try:
-        import resource
-
-        with open("/proc/self/status", encoding="ascii") as f:
-            vm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
-        limit = vm_kb * 1024 + headroom_mb * 2**20
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except Exception:  # not Linux, or not permitted: run without the cap
-        pass
+multiprocessing.spawn.get_preparation_data = _preparation_data_for
 
 
-def _worker_main() -> None:  # pragma: no cover - runs in the child process
-    """Serve JSON-line requests ``{"p": pred, "g": gold}`` on stdin until EOF."""
-    # Stop signals are the trainer's to act on (Slurm and terminals signal the whole process
-    # group): it finishes the step, checkpoints, and closes our stdin; or we see it die.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)  # anything printed by libraries goes to stderr, not the protocol
-    sys.stdout = sys.stderr
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    for name in ("math_verify", "latex2sympy2_extended"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for pred, gold in _WARMUP_PAIRS:  # import + first use of sympy's code paths (~1.5 s)
-        _math_verify_check(pred, gold)
-    _limit_memory(int(os.environ.get("RLSD_VERIFIER_MEMORY_MB", "4096")))
-    out.write(b'{"ready": true}\n')
-    for line in sys.stdin.buffer:
+class _WorkerProcess(multiprocessing.context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj):
+        _starting_worker.active = True
         try:
-            req = json.loads(line)
-            match, status = _math_verify_check(str(req["p"]), str(req["g"]))
-        except Exception:
-            match, status = False, "unparseable"
-        out.write(json.dumps({"m": match, "s": status}).encode() + b"\n")
+            return multiprocessing.context.SpawnProcess._Popen(process_obj)
+        finally:
+            _starting_worker.active = False
 
 
-_BOOTSTRAP = """
-import sys, types
-root, package = sys.argv[1], sys.argv[2]
-parts = package.split(".")
-for i in range(1, len(parts) + 1):  # stub parent packages: skip their __init__ (torch etc.)
-    mod = types.ModuleType(".".join(parts[:i]))
-    mod.__path__ = [root + "/" + "/".join(parts[:i])]
-    sys.modules[mod.__name__] = mod
-__import__(package + ".verifier", fromlist=["_worker_main"])._worker_main()
-"""
+class _WorkerContext(multiprocessing.context.SpawnContext):
+    Process = _WorkerProcess
 
 
-class _WorkerTimeout(Exception):
-    pass
-
-
-class _Worker:
-    """One child process speaking JSON lines; used by one thread at a time."""
-
-    def __init__(self, memory_mb: int):
-        package = __name__.rsplit(".", 1)[0]
-        root = str(Path(__file__).resolve().parents[package.count(".") + 1])
-        env = dict(os.environ, RLSD_VERIFIER_MEMORY_MB=str(memory_mb), OMP_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, root, package],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True,
-        )  # fmt: skip
-        self.ready = False
-        self._buf = b""
-
-    def _readline(self, deadline: float) -> dict:
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise _WorkerTimeout
-            readable, _, _ = select.select([fd], [], [], remaining)
-            if not readable:
-                raise _WorkerTimeout
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise EOFError(f"verifier worker exited (rc={self.proc.poll()})")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return json.loads(line)
-
-    def wait_ready(self, deadline: float) -> None:
-        if not self.ready:
-            self._readline(deadline)
-            self.ready = True
-
-    def request(self, pred: str, gold: str, deadline: float) -> tuple[bool, str]:
-        self.proc.stdin.write(json.dumps({"p": pred, "g": gold}).encode() + b"\n")
-        self.proc.stdin.flush()
-        reply = self._readline(deadline)
-        return bool(reply["m"]), str(reply["s"])
-
-    def kill(self) -> None:
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        except Exception:
-            pass
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                stream.close()
-            except Exception:
-                pass
+class _Unavailable(Exception):
+    """No worker answered: the pool failed to start or broke, a worker died, or math-verify is off."""
 
 
 class MathVerifier:
-    """A pool of math-verify worker processes with a per-call hard timeout.
+    """math-verify in a ``pebble.ProcessPool`` of spawned workers, with a hard per-call timeout.
 
-    Thread-safe; each concurrent caller checks out its own worker (spawned
-    lazily, at most ``max_workers``).  ``start_timeout_s`` bounds the wait for
-    a worker's start-up (import + warm-up, about 1 s), which is not charged
-    to the per-call ``timeout_s``; :meth:`warmup` starts one ahead of time.
-    After ``max_start_failures`` consecutive failed start-ups math-verify is
-    disabled for this process (string fallback, reason "unparseable").
+    Thread-safe: calls queue for the ``max_workers`` workers (two: the trainer
+    checks from one thread, and the second stays ready while pebble replaces a
+    timed-out one).  A call's ``timeout_s`` counts from when a worker takes the
+    task; workers import and warm up math-verify (about 1.5 s) before they take
+    tasks, and ``start_timeout_s`` bounds how long a call waits for one
+    (:meth:`warmup` waits ahead of time).  A pool that breaks (a worker died
+    while idle) is rebuilt; after ``max_start_failures`` failures in a row
+    math-verify is disabled for this process (string fallback, "unparseable").
+
+    Workers are spawned, not forked (forking a process that runs torch/vLLM
+    threads is unsafe), and import only :mod:`.math_verify_worker` with this
+    package's rewards modules (stdlib and pebble; no torch), not the caller's
+    ``__main__`` module.
     """
 
     def __init__(
         self,
-        max_workers: int | None = None,
+        max_workers: int = 2,
         start_timeout_s: float = 60.0,
         memory_mb: int = 4096,
         cache_size: int = 8192,
         max_start_failures: int = 3,
     ):
-        self.max_workers = max_workers or max(1, min(8, os.cpu_count() or 1))
+        self.max_workers = max_workers
         self.start_timeout_s = start_timeout_s
         self.memory_mb = memory_mb
         self.max_start_failures = max_start_failures
-        self._cond = threading.Condition()
-        self._idle: list[_Worker] = []
-        self._count = 0
+        self._lock = threading.Lock()
+        self._pool: ProcessPool | None = None
         self._pid = os.getpid()
-        self._start_failures = 0
-        self._disabled = not sys.executable
+        self._failures = 0
+        self._disabled = not sys.executable or importlib.util.find_spec("math_verify") is None
         self._cache: collections.OrderedDict[tuple[str, str], tuple[bool, str]] = collections.OrderedDict()
         self._cache_size = cache_size
         self.stats = collections.Counter()
 
     # -- pool ---------------------------------------------------------------
     def _after_fork_check(self) -> None:
-        if os.getpid() != self._pid:  # forked child: the workers belong to the parent
-            for worker in self._idle:  # drop our copies of the pipes, leave the processes alone
-                for stream in (worker.proc.stdin, worker.proc.stdout):
-                    try:
-                        stream.close()
-                    except Exception:
-                        pass
-            self._idle, self._count, self._pid = [], 0, os.getpid()
-            self._cond = threading.Condition()
+        if os.getpid() != self._pid:  # forked child: the pool's threads and workers stayed with the parent
+            self._lock, self._pool, self._pid = threading.Lock(), None, os.getpid()
 
-    def _acquire(self, deadline: float) -> _Worker | None:
-        with self._cond:
-            while True:
-                if self._idle:
-                    return self._idle.pop()
-                if self._count < self.max_workers:
-                    self._count += 1
-                    try:
-                        return _Worker(self.memory_mb)
-                    except Exception:
-                        self._count -= 1
-                        raise
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self._cond.wait(remaining):
-                    if not self._idle:
-                        return None
+    def _live_pool(self) -> ProcessPool | None:
+        """The pool (created on first use, rebuilt after it broke); None once disabled."""
+        with self._lock:
+            pool = self._pool
+        if pool is not None and not pool.active:
+            self._retire(pool, "its workers died")
+        with self._lock:
+            if self._pool is None and not self._disabled:
+                self._pool = ProcessPool(
+                    self.max_workers, initializer=math_verify_worker.start, initargs=(self.memory_mb,),
+                    context=_WorkerContext(),
+                )  # fmt: skip
+                # Workers ignore SIGTERM: pebble's wait between SIGTERM and SIGKILL (3 s) would
+                # only delay every timeout kill.
+                pebble.CONSTS.term_timeout = 0
+            return self._pool
 
-    def _release(self, worker: _Worker) -> None:
-        with self._cond:
-            self._idle.append(worker)
-            self._cond.notify()
-
-    def _discard(self, worker: _Worker, respawn: bool) -> None:
-        worker.kill()
-        with self._cond:
-            self._count -= 1
-            if respawn and not self._disabled and self._count < self.max_workers:
-                try:  # start the replacement now so it warms up in the background
-                    self._idle.append(_Worker(self.memory_mb))
-                    self._count += 1
-                except Exception:
-                    logger.exception("could not start a math-verify worker")
-            self._cond.notify()
+    def _retire(self, pool: ProcessPool, reason: str) -> None:
+        """Stop a pool that broke or whose workers never became ready; count the failure."""
+        with self._lock:
+            if self._pool is not pool:
+                return  # another thread retired it already
+            self._pool = None
+            self._failures += 1
+            failures, self._disabled = self._failures, self._disabled or self._failures >= self.max_start_failures
+        if failures >= self.max_start_failures:
+            logger.error("math-verify workers failed %d times (%s); using exact string match only", failures, reason)
+        else:
+            logger.warning("math-verify workers failed (%s); starting new ones", reason)
+        pool.stop()
+        pool.join()
 
     def warmup(self) -> bool:
-        """Start one worker and wait until it is ready; False if math-verify is unavailable."""
+        """Start the workers and wait until one answers; False if math-verify is unavailable."""
         self._after_fork_check()
-        if self._disabled:
-            return False
-        worker = self._acquire(time.monotonic() + self.start_timeout_s)
-        if worker is None:
-            return True  # all workers busy, hence started
         try:
-            worker.wait_ready(time.monotonic() + self.start_timeout_s)
-        except Exception as exc:
-            self._start_failed(worker, exc)
+            return self._call("2x+1", "1+2x", self.start_timeout_s) is not None
+        except _Unavailable:
             return False
-        self._start_failures = 0
-        self._release(worker)
-        return True
-
-    def _start_failed(self, worker: _Worker, exc: BaseException) -> None:
-        self._start_failures += 1
-        if self._start_failures >= self.max_start_failures:
-            self._disabled = True
-            logger.error(
-                "math-verify worker failed to start %d times (%r); using exact string match only", self._start_failures, exc
-            )
-        else:
-            logger.warning("math-verify worker failed to start (%r)", exc)
-        self._discard(worker, respawn=False)
 
     def close(self) -> None:
-        """Stop all idle workers (busy ones are stopped when their call returns)."""
-        with self._cond:
-            idle, self._idle = self._idle, []
-            self._count -= len(idle)
-        if os.getpid() == self._pid:
-            for worker in idle:
-                worker.kill()
+        """Stop the workers (a later call starts new ones)."""
+        self._after_fork_check()  # a forked child must not stop its parent's workers
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+            pool.join()
 
     # -- checking -------------------------------------------------------------
     def verify(self, pred: str, gold: str, timeout_s: float = 2.0) -> tuple[bool, str] | None:
@@ -431,53 +306,64 @@ class MathVerifier:
 
         Raises nothing; an unavailable verifier reads as ``(False, "unparseable")``.
         """
+        self._after_fork_check()
         key = (pred, gold)
-        with self._cond:
+        with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 self.stats["cache_hit"] += 1
                 return self._cache[key]
-        self._after_fork_check()
-        if self._disabled:
-            return False, "unparseable"
-        deadline = time.monotonic() + timeout_s
         try:
-            worker = self._acquire(deadline)
+            result = self._call(pred, gold, timeout_s)
+        except _Unavailable:
+            return False, "unparseable"
         except Exception:
-            logger.exception("could not start a math-verify worker")
+            logger.exception("math-verify call failed")
             return False, "unparseable"
-        if worker is None:  # every worker busy for the whole timeout
-            self.stats["timeout"] += 1
-            return None
-        if not worker.ready:
-            try:
-                worker.wait_ready(time.monotonic() + self.start_timeout_s)
-                self._start_failures = 0
-            except Exception as exc:
-                self._start_failed(worker, exc)
-                return False, "unparseable"
-            deadline = time.monotonic() + timeout_s  # start-up is not the sample's fault
-        try:
-            result = worker.request(pred, gold, deadline)
-        except _WorkerTimeout:
-            self.stats["timeout"] += 1
-            logger.warning(
-                "math-verify timed out after %.1fs on pred=%r gold=%r; worker restarted", timeout_s, pred[:80], gold[:80]
-            )
-            self._discard(worker, respawn=True)
-            return None
-        except Exception as exc:  # worker died (memory cap, crash): replace it
-            self.stats["worker_error"] += 1
-            logger.warning("math-verify worker failed (%r) on pred=%r; worker restarted", exc, pred[:80])
-            self._discard(worker, respawn=True)
-            return False, "unparseable"
-        self._release(worker)
-        self.stats["verified"] += 1
-        with self._cond:
-            self._cache[key] = result
-            if len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        if result is not None:
+            with self._lock:
+                self._cache[key] = result
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
         return result
+
+    def _call(self, pred: str, gold: str, timeout_s: float) -> tuple[bool, str] | None:
+        """One task on the pool: its result, or None on timeout; raises _Unavailable."""
+        args = (_latex_wrap(pred), _latex_wrap(gold), timeout_s + _ORPHAN_GRACE_S)
+        # pebble breaks the whole pool when a worker dies outside an acknowledged task (killed
+        # while idle, say): the task then runs once more on a new pool.
+        for _ in range(2):
+            pool = self._live_pool()
+            if pool is None:
+                raise _Unavailable
+            try:
+                future = pool.schedule(math_verify_worker.check, args, timeout=timeout_s)
+                result = future.result(timeout=self.start_timeout_s + timeout_s)
+            except (BrokenProcessPool, RuntimeError) as exc:  # RuntimeError: schedule() on a broken pool
+                self._retire(pool, repr(exc))
+                continue
+            except TimeoutError:  # pebble's (it killed the worker), or ours (no worker took the task)
+                started = future.running() or future.done()
+                future.cancel()
+                if not started:
+                    self._retire(pool, f"no worker ready within {self.start_timeout_s:.0f}s")
+                    raise _Unavailable from None
+                with self._lock:
+                    self.stats["timeout"] += 1
+                logger.warning(
+                    "math-verify timed out after %.1fs on pred=%r gold=%r; worker replaced", timeout_s, pred[:80], gold[:80]
+                )
+                return None
+            except ProcessExpired as exc:  # killed or crashed mid-task; pebble starts a new worker
+                with self._lock:
+                    self.stats["worker_error"] += 1
+                logger.warning("math-verify worker died (exit code %s) on pred=%r", exc.exitcode, pred[:80])
+                raise _Unavailable from exc
+            with self._lock:
+                self._failures = 0
+                self.stats["verified"] += 1
+            return result
+        raise _Unavailable
 
 
 _default: MathVerifier | None = None
