@@ -1,8 +1,10 @@
-"""Shared fixtures: tiny Qwen3 checkpoints and a torchrun launcher for distributed workers."""
+"""Shared fixtures and helpers: tiny Qwen3 checkpoints, tool and torchrun launchers, the Megatron-vs-HF parity run."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,32 @@ def torchrun(script: str, *args: str, nproc: int = 4, timeout: int = 600) -> sub
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def megatron_parity(tmp_path: Path, models: dict, micro_batches: list[dict], layouts, reshard_layouts) -> dict:
+    """Megatron vs HF through our converter, in one launch of tests/workers/qwen3_parity.py.
+
+    `models`: name -> (HF folder, HF logits of `micro_batches` concatenated along the batch); the
+    worker compares Megatron's logits at each (tp, pp) of `layouts`, then saves model "untied" at
+    TP2PP2 into the checkpoint root tmp_path / "resharded" and reloads it at `reshard_layouts`.
+    Returns the worker's report."""
+    import torch
+
+    torch.save({"micro_batches": micro_batches}, tmp_path / "inputs.pt")
+    spec = {"inputs": str(tmp_path / "inputs.pt"), "layouts": layouts, "models": []}
+    for name, (hf_dir, logits) in models.items():
+        torch.save(logits, tmp_path / f"logits_{name}.pt")
+        run_tool("convert_hf_to_megatron", "--hf-dir", str(hf_dir), "--out", str(tmp_path / f"ckpt_{name}"), "--quiet")
+        spec["models"].append(
+            {"name": name, "ckpt": str(tmp_path / f"ckpt_{name}"), "hf_logits": str(tmp_path / f"logits_{name}.pt")}
+        )
+    shutil.copytree(tmp_path / "ckpt_untied" / "hf", tmp_path / "resharded" / "hf")
+    spec["reshard"] = {"ckpt": str(tmp_path / "ckpt_untied"), "save_to": str(tmp_path / "resharded"), "layouts": reshard_layouts}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    torchrun("tests/workers/qwen3_parity.py", str(tmp_path / "spec.json"), str(tmp_path / "report.json"))
+    report = json.loads((tmp_path / "report.json").read_text())
+    print(json.dumps(report, indent=1))
+    return report
 
 
 @pytest.fixture(scope="session")

@@ -131,10 +131,43 @@ def save_sharded(sharded_state_dict: dict, step_dir: Path, before_metadata=None)
 
 def load_sharded(sharded_state_dict: dict, step_dir: Path, partial: bool = False) -> dict:
     """Collective load. `partial=True` reads a slice of the checkpoint (e.g. one layer), which
-    Megatron's access-integrity check (every element read exactly once) would otherwise refuse."""
-    from megatron.core import dist_checkpointing
+    Megatron's access-integrity check (every element read exactly once) would otherwise refuse.
 
-    return dist_checkpointing.load(sharded_state_dict, str(step_dir), validate_access_integrity=not partial)
+    Requested `_extra_state` objects the checkpoint lacks load as None, i.e. "no state": Transformer
+    Engine's norms keep (FP8) extra state where the local layer spec's norms keep none, so without
+    this a checkpoint written under the local spec would not load under TE. Any other requested key
+    the checkpoint lacks raises ValueError."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    extra_states = _extra_state_paths(sharded_state_dict)  # before the load rewrites the request
+    loaded, _, absent = dist_checkpointing.load(
+        sharded_state_dict, str(step_dir), validate_access_integrity=not partial, strict=StrictHandling.RETURN_UNEXPECTED
+    )
+    lacking = sorted(absent - set(extra_states.values()))
+    if lacking:
+        raise ValueError(f"{step_dir} has no {lacking[0]!r} ({len(lacking)} requested keys missing): "
+                         f"it was saved from another model")  # fmt: skip
+    for path, key in extra_states.items():
+        if key in absent:
+            target = loaded
+            for name in path[:-1]:
+                target = target.setdefault(name, {})
+            target[path[-1]] = None
+    return loaded
+
+
+def _extra_state_paths(sharded_state_dict: dict, prefix: tuple = ()) -> dict[tuple, str]:
+    """{path of each `_extra_state` ShardedObject in the nested dict: its checkpoint key}."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    paths = {}
+    for name, entry in sharded_state_dict.items():
+        if isinstance(entry, dict):
+            paths.update(_extra_state_paths(entry, (*prefix, name)))
+        elif isinstance(entry, ShardedObject) and entry.key.endswith("_extra_state"):
+            paths[(*prefix, name)] = entry.key
+    return paths
 
 
 def load_model_weights(model: torch.nn.Module, step_dir: str | Path) -> None:

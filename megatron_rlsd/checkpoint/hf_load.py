@@ -17,11 +17,12 @@ from megatron_rlsd.models.registry import hf_mapping
 @torch.no_grad()
 def load_hf_into_stage(model: torch.nn.Module, hf_dir: str | Path, shape) -> None:
     from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     weights = HFWeights(hf_dir)
     mapping = hf_mapping(shape)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
-    offset = ps.get_pipeline_model_parallel_rank() * (shape.num_layers // ps.get_pipeline_model_parallel_world_size())
+    offset = get_transformer_layer_offset(model.config)  # this stage's first decoder layer
     for name, param in model.named_parameters():
         canonical = mapping.canonical_name(name, offset)
         if canonical == mapping.output_layer and shape.tie_word_embeddings:

@@ -116,6 +116,27 @@ def layer_spec(use_te: bool):
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
 
 
+def stack_fields(num_layers: int, hidden_size: int, heads: int, groups: int, head_dim: int, ffn_size: int, *,
+                 norm: str, eps: float, qk_norm: bool, gated: bool, activation, bias: bool) -> dict:  # fmt: skip
+    """TransformerConfig's architecture fields for one transformer stack: sizes (`groups`: key/value
+    heads), norm type and epsilon, q/k norms, gated MLP and its activation, biases on all linears."""
+    return dict(
+        num_layers=num_layers,
+        hidden_size=hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        ffn_hidden_size=ffn_size,
+        normalization=norm,
+        layernorm_epsilon=eps,
+        qk_layernorm=qk_norm,
+        gated_linear_unit=gated,
+        activation_func=activation,
+        add_bias_linear=bias,
+        add_qkv_bias=bias,
+    )
+
+
 def transformer_config(
     shape: Qwen3Shape,
     platform: Platform,
@@ -130,19 +151,9 @@ def transformer_config(
 
     on_gpu = not platform.is_cpu
     return TransformerConfig(
-        num_layers=shape.num_layers,
-        hidden_size=shape.hidden_size,
-        num_attention_heads=shape.num_attention_heads,
-        num_query_groups=shape.num_key_value_heads,
-        kv_channels=shape.head_dim,
-        ffn_hidden_size=shape.intermediate_size,
-        normalization="RMSNorm",
-        layernorm_epsilon=shape.rms_norm_eps,
-        qk_layernorm=True,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
+        **stack_fields(shape.num_layers, shape.hidden_size, shape.num_attention_heads, shape.num_key_value_heads,
+                       shape.head_dim, shape.intermediate_size, norm="RMSNorm", eps=shape.rms_norm_eps, qk_norm=True,
+                       gated=True, activation=F.silu, bias=False),  # fmt: skip
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=shape.initializer_range,
@@ -165,29 +176,30 @@ def transformer_config(
     )
 
 
-def build_model(
-    shape: Qwen3Shape,
-    config,
-    *,
-    pre_process: bool,
-    post_process: bool,
-    use_te: bool,
-    vp_stage: int | None = None,
-):
-    """One pipeline stage of Qwen3 as a Megatron GPTModel (logits stay vocab-parallel)."""
+def language_model(shape: Qwen3Shape, config, spec, *, pre_process: bool, post_process: bool,
+                   vp_stage: int | None = None, position_embedding_type: str = "rope"):  # fmt: skip
+    """One pipeline stage of a Qwen3 decoder with layers built from `spec`, as a Megatron GPTModel
+    (logits stay vocab-parallel)."""
     from megatron.core.models.gpt import GPTModel
 
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(use_te),
+        transformer_layer_spec=spec,
         vocab_size=shape.vocab_size,
         max_sequence_length=shape.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=shape.tie_word_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type=position_embedding_type,
         rotary_percent=1.0,
         rotary_base=int(shape.rope_theta),
         vp_stage=vp_stage,
     )
+
+
+def build_model(shape: Qwen3Shape, config, *, pre_process: bool, post_process: bool, use_te: bool,
+                vp_stage: int | None = None):  # fmt: skip
+    """One pipeline stage of Qwen3 (see `language_model`)."""
+    return language_model(shape, config, layer_spec(use_te), pre_process=pre_process, post_process=post_process,
+                          vp_stage=vp_stage)  # fmt: skip

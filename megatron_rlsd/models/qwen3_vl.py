@@ -25,15 +25,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from megatron_rlsd.models import qwen3
 from megatron_rlsd.platform import Platform
 
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"
-TEXT, IMAGE, VIDEO = 0, 1, 2  # token modality codes, as in HF's mm_token_type_ids
-
-load_hf_config = qwen3.load_hf_config
-transformer_engine_available = qwen3.transformer_engine_available
 
 
 @dataclass(frozen=True)
@@ -96,7 +93,6 @@ class Qwen3VLShape(qwen3.Qwen3Shape):
     vision: VisionShape | None = None
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     image_token_id: int = -1
-    video_token_id: int = -1
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> Qwen3VLShape:
@@ -124,7 +120,6 @@ class Qwen3VLShape(qwen3.Qwen3Shape):
             vision=vision,
             mrope_section=section,
             image_token_id=cfg["image_token_id"],
-            video_token_id=cfg.get("video_token_id", -1),
         )
 
     def check_parallel(self, tp: int, pp: int) -> None:
@@ -134,7 +129,7 @@ class Qwen3VLShape(qwen3.Qwen3Shape):
                         ("vision merged width (hidden_size * spatial_merge_size^2)", v.merged_size)):  # fmt: skip
             if n % tp:
                 raise ValueError(f"tensor parallel size {tp} does not divide {what}={n}")
-        first_stage_layers = self.num_layers // pp
+        first_stage_layers = self.num_layers // pp  # super() refused uneven splits: Megatron's even one
         if len(v.deepstack_visual_indexes) > first_stage_layers:
             raise ValueError(
                 f"pipeline parallel size {pp} leaves {first_stage_layers} decoder layers on the first stage, but "
@@ -162,19 +157,9 @@ def vision_transformer_config(shape: Qwen3VLShape, text_config):
     v = shape.vision
     return dataclasses.replace(
         text_config,
-        num_layers=v.depth,
-        hidden_size=v.hidden_size,
-        num_attention_heads=v.num_heads,
-        num_query_groups=v.num_heads,
-        kv_channels=v.head_dim,
-        ffn_hidden_size=v.intermediate_size,
-        normalization="LayerNorm",
-        layernorm_epsilon=v.layer_norm_eps,
-        qk_layernorm=False,
-        gated_linear_unit=False,
-        activation_func=_gelu_tanh,
-        add_bias_linear=True,
-        add_qkv_bias=True,
+        **qwen3.stack_fields(v.depth, v.hidden_size, v.num_heads, v.num_heads, v.head_dim, v.intermediate_size,
+                             norm="LayerNorm", eps=v.layer_norm_eps, qk_norm=False, gated=False, activation=_gelu_tanh,
+                             bias=True),  # fmt: skip
         bias_activation_fusion=False,
         pipeline_model_parallel_size=1,
         mrope_section=None,
@@ -186,47 +171,33 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def vision_layer_spec(use_te: bool):
-    """A pre-norm ViT block: full (bidirectional) attention within one image, biased linears."""
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    """A ViT block: pre-norm LayerNorm, biased fused QKV / proj / fc1 / fc2 (biases and tanh-GELU
+    come from the config), full bidirectional attention within one image, 2D rotary (passed to
+    forward as `rotary_pos_emb`). Megatron-Core's ViT specs, with two changes to the local one:
+    - its attention is causal (`AttnMaskType.causal`), Qwen3-VL's is not: set to `no_mask` (the
+      TE spec already has `no_mask`);
+    - it has no `sharded_state_dict_keys_map`, so its norms would be checkpointed as
+      `input_layernorm.*` / `pre_mlp_layernorm.*` while the TE spec folds them into the linears
+      (`linear_qkv.layer_norm_*`, `linear_fc1.layer_norm_*`): give it the decoder's local-spec map
+      (Megatron's GPT one), so checkpoints do not depend on the spec.
+    """
+    from megatron.core.models.vision import vit_layer_specs
     from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.identity_op import IdentityOp
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
     if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TEDotProductAttention,
-            TELayerNormColumnParallelLinear,
-            TERowParallelLinear,
-        )
-
-        input_norm, pre_mlp_norm = IdentityOp, IdentityOp  # folded into the TE linears
-        qkv, core, proj, fc1, fc2 = (TELayerNormColumnParallelLinear, TEDotProductAttention, TERowParallelLinear,
-                                     TELayerNormColumnParallelLinear, TERowParallelLinear)  # fmt: skip
-    else:
-        from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-        from megatron.core.transformer.dot_product_attention import DotProductAttention
-        from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-        input_norm, pre_mlp_norm = WrappedTorchNorm, WrappedTorchNorm
-        qkv, core, proj, fc1, fc2 = ColumnParallelLinear, DotProductAttention, RowParallelLinear, ColumnParallelLinear, RowParallelLinear
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=input_norm,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": AttnMaskType.no_mask},
-                submodules=SelfAttentionSubmodules(linear_qkv=qkv, core_attention=core, linear_proj=proj),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=pre_mlp_norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=fc1, linear_fc2=fc2)),
-            mlp_bda=get_bias_dropout_add,
-        ),
+        return vit_layer_specs.get_vit_layer_with_transformer_engine_spec()
+    spec = vit_layer_specs.get_vit_layer_with_local_spec()
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(attention, params={**attention.params, "attn_mask_type": AttnMaskType.no_mask})
+    keys_map = qwen3.layer_spec(use_te=False).submodules.sharded_state_dict_keys_map
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention, sharded_state_dict_keys_map=keys_map)
     )
+
+
+def decoder_layer_spec(use_te: bool):
+    """Qwen3's decoder layer spec, with layers that add DeepStack features (`DeepStackLayer`)."""
+    return dataclasses.replace(qwen3.layer_spec(use_te), module=DeepStackLayer)
 
 
 # ----------------------------------------------------------------------------- position math
@@ -434,6 +405,31 @@ class VisionEncoder(MegatronModule):
         return torch.cat(merged), [torch.cat(d) for d in deep]
 
 
+@dataclass(frozen=True)
+class DeepStackFeatures:
+    """One forward's DeepStack inputs: where the image tokens sit, and per fed decoder layer
+    (the first len(features) layers) the merged ViT features to add there."""
+
+    positions: tuple[torch.Tensor, torch.Tensor]  # (sequence index, batch index) of each image token
+    features: list[torch.Tensor]  # [image tokens, hidden] per fed layer
+
+
+class DeepStackLayer(TransformerLayer):
+    """A decoder layer that adds its DeepStack features (if any) to its output hidden states.
+
+    The features arrive as the `context` argument, which Megatron's TransformerBlock hands to every
+    layer and threads through their outputs (its channel for encoder outputs consumed by decoder
+    layers; self-attention-only layers do not read it, so it is not passed on to the attention).
+    """
+
+    def forward(self, *args, context: DeepStackFeatures | None = None, **kwargs):
+        hidden, _ = super().forward(*args, context=None, **kwargs)
+        index = self.layer_number - 1  # global, 0-based; the fed layers all sit on the first stage
+        if context is not None and index < len(context.features):
+            hidden = hidden.index_put(context.positions, context.features[index].to(hidden.dtype), accumulate=True)
+        return hidden, context
+
+
 class Qwen3VLModel(MegatronModule):
     """One pipeline stage of Qwen3-VL: [ViT + mergers on the first stage] + a GPTModel decoder.
 
@@ -444,35 +440,20 @@ class Qwen3VLModel(MegatronModule):
 
     def __init__(self, shape: Qwen3VLShape, config, *, pre_process: bool, post_process: bool, use_te: bool,
                  vp_stage: int | None = None):  # fmt: skip
-        from megatron.core.models.gpt import GPTModel
-
         super().__init__(config=config)
         self.shape = shape
         self.pre_process, self.post_process = pre_process, post_process
-        self.language_model = GPTModel(
-            config=config,
-            transformer_layer_spec=qwen3.layer_spec(use_te),
-            vocab_size=shape.vocab_size,
-            max_sequence_length=shape.max_position_embeddings,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=True,
-            share_embeddings_and_output_weights=shape.tie_word_embeddings,
-            position_embedding_type="mrope",
-            rotary_base=int(shape.rope_theta),
-            vp_stage=vp_stage,
-        )
+        self.language_model = qwen3.language_model(shape, config, decoder_layer_spec(use_te), pre_process=pre_process,
+                                                   post_process=post_process, vp_stage=vp_stage,
+                                                   position_embedding_type="mrope")  # fmt: skip
         # Megatron-Core's M-RoPE is Qwen2-VL's chunked layout; Qwen3-VL interleaves the axes.
         self.language_model.rotary_pos_emb = InterleavedMRotaryEmbedding(shape.head_dim, shape.rope_theta,
                                                                          shape.mrope_section)  # fmt: skip
         self.model_type = self.language_model.model_type  # read by Megatron's pipeline schedules
         self.share_embeddings_and_output_weights = self.language_model.share_embeddings_and_output_weights
         self.vision_model = None
-        self._deepstack: tuple | None = None
         if pre_process:
             self.vision_model = VisionEncoder(vision_transformer_config(shape, config), shape.vision, shape.hidden_size, use_te)
-            for j in range(len(shape.vision.deepstack_visual_indexes)):
-                self.language_model.decoder.layers[j].register_forward_hook(self._add_deepstack(j))
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -480,21 +461,11 @@ class Qwen3VLModel(MegatronModule):
     def shared_embedding_or_output_weight(self):
         return self.language_model.shared_embedding_or_output_weight()
 
-    def _add_deepstack(self, j: int):
-        def hook(module, args, output):
-            if self._deepstack is None:
-                return output
-            (s_idx, b_idx), features = self._deepstack
-            hidden, context = output
-            return hidden.index_put((s_idx, b_idx), features[j].to(hidden.dtype), accumulate=True), context
-
-        return hook
-
     def forward(self, input_ids, position_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 images_per_row=None, labels=None, **kwargs):  # fmt: skip
         image_mask = image_token_mask(input_ids, image_grid_thw, images_per_row, self.shape)
         position_ids = mrope_position_ids(input_ids, image_mask, image_grid_thw, self.shape)
-        decoder_input = None
+        decoder_input, deepstack = None, None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
             if pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
@@ -503,12 +474,9 @@ class Qwen3VLModel(MegatronModule):
                 if image_embeds.shape[0] != s_idx.numel():
                     raise ValueError(f"{s_idx.numel()} image tokens in the batch but the images give {image_embeds.shape[0]}")
                 decoder_input = decoder_input.index_put((s_idx, b_idx), image_embeds.to(decoder_input.dtype))
-                self._deepstack = ((s_idx, b_idx), deep)
-        try:
-            return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input,
-                                       labels=labels, **kwargs)  # fmt: skip
-        finally:
-            self._deepstack = None
+                deepstack = {"context": DeepStackFeatures((s_idx, b_idx), deep)}
+        return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
+                                   extra_block_kwargs=deepstack, **kwargs)  # fmt: skip
 
 
 def build_model(shape: Qwen3VLShape, config, *, pre_process: bool, post_process: bool, use_te: bool,

@@ -7,7 +7,7 @@ from types import ModuleType
 from megatron_rlsd.models import qwen3, qwen3_vl
 
 # Each module provides: ARCHITECTURE, Shape (from_hf_config, check_parallel), transformer_config,
-# build_model, hf_mapping, transformer_engine_available.
+# build_model, hf_mapping.
 ARCHITECTURES: dict[str, ModuleType] = {m.ARCHITECTURE: m for m in (qwen3, qwen3_vl)}
 
 
@@ -22,11 +22,6 @@ def architecture_of(hf_config: dict, source: str = "config.json") -> str:
 
 def model_module(hf_config: dict, source: str = "config.json") -> ModuleType:
     return ARCHITECTURES[architecture_of(hf_config, source)]
-
-
-def model_shape(hf_config: dict, source: str = "config.json"):
-    """The architecture hyperparameters (a Qwen3Shape or subclass) of `hf_config`."""
-    return model_module(hf_config, source).Shape.from_hf_config(hf_config)
 
 
 def hf_mapping(shape):
@@ -46,7 +41,7 @@ def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_w
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     shape.check_parallel(tp, pp)
     if use_te is None:
-        use_te = not platform.is_cpu and module.transformer_engine_available()
+        use_te = not platform.is_cpu and qwen3.transformer_engine_available()
     config = module.transformer_config(
         shape, platform, tp=tp, pp=pp, params_dtype=params_dtype or torch.float32, init_weights=init_weights
     )

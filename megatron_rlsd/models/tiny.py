@@ -25,15 +25,24 @@ import json
 import os
 import pathlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
+# The builder, tokenizer and summary, plus the building blocks megatron_rlsd.models.tiny_vl
+# shares (text arguments and config fields, vocabulary, random init, saving, chat template).
 __all__ = [
     "CHAT_TEMPLATE",
     "SPECIAL_TOKENS",
     "SUPPORTED_HEAD_DIMS",
     "VOCAB_MULTIPLE",
+    "TinyText",
+    "TinyVocab",
     "build_tiny_qwen3",
     "build_tiny_tokenizer",
+    "chatml_template",
     "default_corpus",
+    "random_model",
+    "save_checkpoint",
     "summarize_checkpoint",
 ]
 
@@ -62,24 +71,31 @@ _QWEN_SPLIT_PATTERN = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
-# ChatML template, as used by Qwen: <|im_start|>{role}\n{content}<|im_end|>\n
-# Content may be a string or a list of {"type": "text", "text": ...} parts.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+
+def chatml_template(render_part: str) -> str:
+    """A Qwen-like ChatML chat template: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per
+    message, then ``<|im_start|>assistant\\n`` if ``add_generation_prompt``. Content is a string
+    or a list of parts, each rendered by the Jinja snippet ``render_part`` (loop variable ``part``)."""
+    return (
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['content'] is string -%}"
+        "{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- for part in message['content'] -%}"
+        + render_part
+        + "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\\n' -}}"
+        "{%- endif -%}"
+    )
+
+
+# Text parts only ({"type": "text", "text": ...}).
+CHAT_TEMPLATE = chatml_template("{%- if part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}")
 
 
 def default_corpus() -> list[str]:
@@ -235,25 +251,83 @@ def build_tiny_tokenizer(corpus: Iterable[str] | None = None, *, extra_special_t
     return hf_tok
 
 
-def _validate(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size):
-    for name, val in (
-        ("num_layers", num_layers),
-        ("hidden_size", hidden_size),
-        ("num_heads", num_heads),
-        ("num_kv_heads", num_kv_heads),
-        ("head_dim", head_dim),
-        ("intermediate_size", intermediate_size),
-    ):
-        if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
-            f"head_dim={head_dim} is not supported (vLLM CPU attention supports "
-            f"head_dim in {list(SUPPORTED_HEAD_DIMS)})"
+@dataclass(frozen=True)
+class TinyVocab:
+    """The trained tokenizer and the vocabulary facts a tiny config needs."""
+
+    tokenizer: Any  # transformers.PreTrainedTokenizerFast
+    size: int  # config vocab_size: the tokenizer length, padded
+    pad_id: int
+    eos_id: int
+
+    @property
+    def real_size(self) -> int:
+        return len(self.tokenizer)
+
+
+@dataclass(frozen=True)
+class TinyText:
+    """The text decoder and tokenizer arguments both tiny builders take (with these defaults).
+
+    Raises ``ValueError`` on a bad shape, an unsupported ``head_dim`` or a negative ``seed``;
+    a bad ``vocab_size`` or ``corpus`` is refused when the vocabulary is built (:meth:`vocab`).
+    """
+
+    tie_word_embeddings: bool = False
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 256
+    vocab_size: int | None = None  # default: the tokenizer length rounded up to VOCAB_MULTIPLE
+    seed: int = 0
+    corpus: Sequence[str] | None = None  # trains the tokenizer; default: default_corpus()
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if self.head_dim not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"head_dim={self.head_dim} is not supported (vLLM CPU attention supports "
+                f"head_dim in {list(SUPPORTED_HEAD_DIMS)})"
+            )
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
+
+    def vocab(self, extra_special_tokens: Sequence[str] = ()) -> TinyVocab:
+        """Train the tiny tokenizer (see :func:`build_tiny_tokenizer`) and size the vocabulary."""
+        tokenizer = build_tiny_tokenizer(self.corpus, extra_special_tokens=extra_special_tokens)
+        return TinyVocab(
+            tokenizer=tokenizer,
+            size=_padded_vocab(len(tokenizer), self.vocab_size),
+            pad_id=tokenizer.convert_tokens_to_ids(PAD_TOKEN),
+            eos_id=tokenizer.convert_tokens_to_ids(IM_END),
         )
-    if num_heads % num_kv_heads != 0:
-        raise ValueError(
-            f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+
+    def config_fields(self, vocab: TinyVocab) -> dict:
+        """The Qwen3 text-decoder config fields both builders share (sizes, SiLU, RMSNorm eps, no
+        attention bias, fp32, special token ids); rope and context length are each builder's."""
+        return dict(
+            vocab_size=vocab.size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            initializer_range=0.02,
+            rms_norm_eps=1e-6,
+            attention_bias=False,
+            bos_token_id=vocab.pad_id,
+            eos_token_id=vocab.eos_id,
+            pad_token_id=vocab.pad_id,
+            dtype="float32",
         )
 
 
@@ -271,80 +345,35 @@ def _padded_vocab(tokenizer_len: int, vocab_size: int | None) -> int:
     return vocab_size
 
 
-def build_tiny_qwen3(
-    out_dir: str | os.PathLike,
-    *,
-    tie_word_embeddings: bool = False,
-    num_layers: int = 4,
-    hidden_size: int = 128,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 32,
-    intermediate_size: int = 256,
-    vocab_size: int | None = None,
-    seed: int = 0,
-    corpus: Sequence[str] | None = None,
-) -> pathlib.Path:
+def build_tiny_qwen3(out_dir: str | os.PathLike, **text) -> pathlib.Path:
     """Write a tiny random Qwen3 HF checkpoint (model + tokenizer) to ``out_dir``.
 
-    Same arguments -> bit-identical files.  Raises ``ValueError`` on bad
-    shapes, an unsupported ``head_dim`` or a bad explicit ``vocab_size``.
+    ``text``: the fields of :class:`TinyText` (``tie_word_embeddings``, ``num_layers``,
+    ``hidden_size``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``intermediate_size``,
+    ``vocab_size``, ``seed``, ``corpus``). Same arguments -> bit-identical files. Raises
+    ``ValueError`` on bad shapes, an unsupported ``head_dim`` or a bad explicit ``vocab_size``.
     Returns ``out_dir`` as a :class:`pathlib.Path`.
     """
-    _validate(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    t = TinyText(**text)
 
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    tokenizer = build_tiny_tokenizer(corpus)
-    tok_len = len(tokenizer)
-    padded_vocab = _padded_vocab(tok_len, vocab_size)
-    pad_id = tokenizer.convert_tokens_to_ids(PAD_TOKEN)
-    eos_id = tokenizer.convert_tokens_to_ids(IM_END)
-
+    vocab = t.vocab()
     config = Qwen3Config(
         architectures=["Qwen3ForCausalLM"],
-        vocab_size=padded_vocab,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=head_dim,
-        hidden_act="silu",
+        **t.config_fields(vocab),
         max_position_embeddings=2048,
-        initializer_range=0.02,
-        rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-        attention_bias=False,
         attention_dropout=0.0,
         use_sliding_window=False,
-        tie_word_embeddings=bool(tie_word_embeddings),
+        tie_word_embeddings=bool(t.tie_word_embeddings),
         use_cache=True,
-        bos_token_id=pad_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        dtype="float32",
     )
 
-    model = random_model(Qwen3ForCausalLM, config, seed, lambda name: config.initializer_range, tok_len)
-    if tie_word_embeddings:
+    model = random_model(Qwen3ForCausalLM, config, t.seed, lambda name: config.initializer_range, vocab.real_size)
+    if t.tie_word_embeddings:
         assert model.lm_head.weight is model.model.embed_tokens.weight
-
-    model.generation_config = GenerationConfig(
-        bos_token_id=pad_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        do_sample=False,
-    )
-
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    _make_tokenizer_config_portable(out / "tokenizer_config.json")
-    return out
+    return save_checkpoint(out_dir, model, vocab, vocab.tokenizer)
 
 
 def random_model(model_class, config, seed: int, std_of, real_vocab: int):
@@ -374,7 +403,24 @@ def random_model(model_class, config, seed: int, std_of, real_vocab: int):
     return model
 
 
-def _make_tokenizer_config_portable(path: pathlib.Path, extra_special_tokens: Sequence[str] = ()) -> None:
+def save_checkpoint(out_dir: str | os.PathLike, model, vocab: TinyVocab, files,
+                    extra_special_tokens: Sequence[str] = ()) -> pathlib.Path:  # fmt: skip
+    """Write `model` (with a greedy generation config) and `files` (the tokenizer, or a processor
+    holding it) to `out_dir`, with a tokenizer_config.json that transformers 4 and 5 both load."""
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig(
+        bos_token_id=vocab.pad_id, eos_token_id=vocab.eos_id, pad_token_id=vocab.pad_id, do_sample=False
+    )
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    files.save_pretrained(out)
+    _make_tokenizer_config_portable(out / "tokenizer_config.json", extra_special_tokens)
+    return out
+
+
+def _make_tokenizer_config_portable(path: pathlib.Path, extra_special_tokens: Sequence[str]) -> None:
     # transformers 5 records its internal class name ("TokenizersBackend"),
     # which transformers 4.x cannot resolve; "PreTrainedTokenizerFast" loads
     # tokenizer.json in both major versions (v5 aliases it).  <|im_start|> is

@@ -37,13 +37,7 @@ VISION_SPECIAL_TOKENS = (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
 
 # ChatML as in tiny.CHAT_TEMPLATE; list content may also hold image/video parts, told apart and
 # rendered as Qwen3-VL's template does (an "image"/"image_url" key or type "image").
-VL_CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
+VL_CHAT_TEMPLATE = tiny.chatml_template(
     "{%- if 'image' in part or 'image_url' in part or part.type == 'image' -%}"
     "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
     "{%- elif 'video' in part or part.type == 'video' -%}"
@@ -51,26 +45,12 @@ VL_CHAT_TEMPLATE = (
     "{%- elif 'text' in part -%}"
     "{{- part['text'] -}}"
     "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
 )
 
 
 def build_tiny_qwen3_vl(
     out_dir: str | os.PathLike,
     *,
-    seed: int = 0,
-    num_layers: int = 4,
-    hidden_size: int = 128,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    head_dim: int = 32,
-    intermediate_size: int = 256,
     mrope_section: Sequence[int] | None = None,
     vision_depth: int = 2,
     vision_hidden_size: int = 64,
@@ -84,12 +64,13 @@ def build_tiny_qwen3_vl(
     min_pixels: int = 32 * 32,
     max_pixels: int = 128 * 128,
     vision_init_std: float = 0.05,
-    tie_word_embeddings: bool = False,
-    vocab_size: int | None = None,
-    corpus: Sequence[str] | None = None,
+    **text,
 ) -> pathlib.Path:
     """Write a tiny random Qwen3-VL HF checkpoint (model, tokenizer, processor) to ``out_dir``.
 
+    ``text``: the text decoder and tokenizer arguments of :class:`megatron_rlsd.models.tiny.TinyText`
+    (``num_layers``, ``hidden_size``, ``head_dim``, ``seed``, ``corpus``, ...), as for
+    :func:`megatron_rlsd.models.tiny.build_tiny_qwen3`.
     ``mrope_section`` (temporal, height, width rotary pairs) must sum to ``head_dim // 2``; by
     default it keeps Qwen3-VL's 24:20:20 split (``[6, 5, 5]`` for ``head_dim`` 32);
     ``num_position_embeddings`` must be a square (the vision tower's learned position grid);
@@ -97,17 +78,15 @@ def build_tiny_qwen3_vl(
     ``(patch_size * spatial_merge_size) ** 2``: an image gives
     ``resized_pixels / (patch_size * spatial_merge_size) ** 2`` image tokens.
     ``vision_init_std`` is larger than the text std so that images move the log-probs clearly.
-    ``corpus`` trains the tokenizer (default: :func:`megatron_rlsd.models.tiny.default_corpus`).
     Returns ``out_dir`` as a :class:`pathlib.Path`.
     """
-    tiny._validate(num_layers, hidden_size, num_heads, num_kv_heads, head_dim, intermediate_size)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    t = tiny.TinyText(**text)
+    rotary_pairs = t.head_dim // 2
     if mrope_section is None:
-        hw = (head_dim // 2) * 5 // 16
-        mrope_section = (head_dim // 2 - 2 * hw, hw, hw)
-    if sum(mrope_section) != head_dim // 2:
-        raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim // 2 = {head_dim // 2}")
+        hw = rotary_pairs * 5 // 16
+        mrope_section = (rotary_pairs - 2 * hw, hw, hw)
+    if sum(mrope_section) != rotary_pairs:
+        raise ValueError(f"mrope_section {list(mrope_section)} must sum to head_dim // 2 = {rotary_pairs}")
     if vision_hidden_size % vision_num_heads:
         raise ValueError("vision_hidden_size must be divisible by vision_num_heads")
     side = round(num_position_embeddings**0.5)
@@ -116,41 +95,25 @@ def build_tiny_qwen3_vl(
     if len(deepstack_visual_indexes) and max(deepstack_visual_indexes) >= vision_depth:
         raise ValueError("deepstack_visual_indexes must index vision blocks (< vision_depth)")
     # deepstack features are added to the first len(deepstack_visual_indexes) text layers
-    if len(deepstack_visual_indexes) > num_layers:
+    if len(deepstack_visual_indexes) > t.num_layers:
         raise ValueError("more deepstack_visual_indexes than text layers")
 
-    from transformers import (
-        GenerationConfig,
-        Qwen3VLConfig,
-        Qwen3VLForConditionalGeneration,
-        Qwen3VLProcessor,
-    )
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import (
         Qwen2VLImageProcessor,
     )
     from transformers.models.qwen3_vl import Qwen3VLVideoProcessor
 
-    tokenizer = tiny.build_tiny_tokenizer(corpus, extra_special_tokens=VISION_SPECIAL_TOKENS)
+    vocab = t.vocab(extra_special_tokens=VISION_SPECIAL_TOKENS)
+    tokenizer = vocab.tokenizer
     tokenizer.chat_template = VL_CHAT_TEMPLATE
-    tok_len = len(tokenizer)
-    vocab = tiny._padded_vocab(tok_len, vocab_size)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (tiny.PAD_TOKEN, tiny.IM_END, *VISION_SPECIAL_TOKENS)}
-    pad_id, eos_id = ids[tiny.PAD_TOKEN], ids[tiny.IM_END]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
 
     config = Qwen3VLConfig(
         architectures=["Qwen3VLForConditionalGeneration"],
         text_config=dict(
-            vocab_size=vocab,
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            hidden_act="silu",
+            **t.config_fields(vocab),
             max_position_embeddings=4096,
-            initializer_range=0.02,
-            rms_norm_eps=1e-6,
             # Qwen3-VL's interleaved multimodal RoPE: rotary pairs split over (t, h, w) positions
             rope_parameters={
                 "rope_type": "default",
@@ -158,11 +121,6 @@ def build_tiny_qwen3_vl(
                 "mrope_section": list(mrope_section),
                 "mrope_interleaved": True,
             },
-            attention_bias=False,
-            bos_token_id=pad_id,
-            eos_token_id=eos_id,
-            pad_token_id=pad_id,
-            dtype="float32",
         ),
         vision_config=dict(
             depth=vision_depth,
@@ -174,7 +132,7 @@ def build_tiny_qwen3_vl(
             patch_size=patch_size,
             spatial_merge_size=spatial_merge_size,
             temporal_patch_size=temporal_patch_size,
-            out_hidden_size=hidden_size,
+            out_hidden_size=t.hidden_size,
             num_position_embeddings=num_position_embeddings,
             deepstack_visual_indexes=list(deepstack_visual_indexes),
             initializer_range=0.02,
@@ -183,19 +141,16 @@ def build_tiny_qwen3_vl(
         video_token_id=ids[VIDEO_PAD],
         vision_start_token_id=ids[VISION_START],
         vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=bool(tie_word_embeddings),
-        bos_token_id=pad_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        tie_word_embeddings=bool(t.tie_word_embeddings),
+        bos_token_id=vocab.pad_id,
+        eos_token_id=vocab.eos_id,
+        pad_token_id=vocab.pad_id,
         dtype="float32",
     )
 
     # vision weights get a larger std so that images move the log-probs clearly
-    model = tiny.random_model(Qwen3VLForConditionalGeneration, config, seed,
-                              lambda name: vision_init_std if ".visual." in f".{name}" else 0.02, tok_len)  # fmt: skip
-    model.generation_config = GenerationConfig(
-        bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, do_sample=False
-    )
+    model = tiny.random_model(Qwen3VLForConditionalGeneration, config, t.seed,
+                              lambda name: vision_init_std if ".visual." in f".{name}" else 0.02, vocab.real_size)  # fmt: skip
 
     # The processors: image/video patches of patch_size, merged spatial_merge_size^2 -> 1 token.
     # Qwen3-VL normalizes with mean = std = 0.5.
@@ -219,10 +174,4 @@ def build_tiny_qwen3_vl(
         video_processor=video_processor,
         chat_template=VL_CHAT_TEMPLATE,
     )
-
-    out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    tiny._make_tokenizer_config_portable(out / "tokenizer_config.json", VISION_SPECIAL_TOKENS)
-    return out
+    return tiny.save_checkpoint(out_dir, model, vocab, processor, VISION_SPECIAL_TOKENS)

@@ -69,17 +69,17 @@ def iter_hf_buckets(model, shape, bucket_bytes: int) -> Iterator[list[tuple[str,
 
     Collective over the whole world (every rank must iterate to the end)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
     pp_size, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
-    layers_per_stage = shape.num_layers // pp_size
     mapping = hf_mapping(shape)
     device = next(model.parameters()).device
     pp_ranks = dist.get_process_group_ranks(pp_group)
 
     bucket, size = [], 0
     for stage in range(pp_size):
-        mine = _stage_layers(model, stage * layers_per_stage, mapping, tp_group) if stage == pp_rank else None
+        mine = _stage_layers(model, get_transformer_layer_offset(model.config), mapping, tp_group) if stage == pp_rank else None
         groups = mine if pp_size == 1 else _broadcast_groups(mine, pp_ranks[stage], pp_group, device)
         for group in groups:
             hf_group = []

@@ -1,8 +1,12 @@
-"""torchrun worker (4 ranks, gloo): Megatron Qwen3 vs HF logits at several TP/PP layouts, and a
-TP2PP2-saved checkpoint reloaded at TP1PP1 / TP4PP1. Writes a JSON report on rank 0.
+"""torchrun worker (4 ranks, gloo): Megatron Qwen3 / Qwen3-VL vs HF logits at several TP/PP
+layouts, and a TP2PP2-saved checkpoint reloaded at other layouts. Writes a JSON report on rank 0.
 
     torchrun --nproc-per-node 4 tests/workers/qwen3_parity.py SPEC.json REPORT.json
-SPEC: {"models": [{"name", "ckpt", "hf_logits", "tokens"}], "reshard": {"ckpt", "save_to", "tokens"}}
+SPEC: {"inputs", "layouts": [[tp, pp], ...], "models": [{"name", "ckpt", "hf_logits"}],
+       "reshard": {"ckpt", "save_to", "layouts"}}
+inputs: a torch file with "micro_batches": [{"tokens"[, "pixel_values", "image_grid_thw"]}, ...]
+REPORT: {"logits": [{"model", "tp", "pp", "max_abs_diff"}], "reshard": [{"tp", "pp", "equal", "max_abs_diff"}]}
+(reshard: log-probs after reloading vs at TP2PP2 before saving)
 """
 
 import json
@@ -66,33 +70,29 @@ def owner_result(results):
 
 def main(spec_path, report_path):
     spec = json.loads(Path(spec_path).read_text())
+    micro_batches = torch.load(spec["inputs"], weights_only=True)["micro_batches"]
     report = {"logits": [], "reshard": []}
-    layouts = [(1, 1), (2, 1), (1, 2), (2, 2)]
     for m in spec["models"]:
-        tokens = torch.load(m["tokens"], weights_only=True)
         ref = torch.load(m["hf_logits"], weights_only=True)
-        for tp, pp in layouts:
+        for tp, pp in spec["layouts"]:
             platform = set_layout(tp, pp)
             model = load_stage(platform, m["ckpt"])
-            out = owner_result(forward_only(model, [{"tokens": tokens[:1]}, {"tokens": tokens[1:]}], full_logits))
-            report["logits"].append(
-                {"model": m["name"], "tp": tp, "pp": pp, "max_abs_diff": (out - ref).abs().max().item()}
-            )
+            out = owner_result(forward_only(model, micro_batches, full_logits))
+            report["logits"].append({"model": m["name"], "tp": tp, "pp": pp, "max_abs_diff": (out - ref).abs().max().item()})
 
     r = spec["reshard"]
-    tokens = torch.load(r["tokens"], weights_only=True)
     platform = set_layout(2, 2)
     model = load_stage(platform, r["ckpt"])
-    base = owner_result(forward_only(model, [{"tokens": tokens}], token_logprobs))
+    base = owner_result(forward_only(model, micro_batches, token_logprobs))
     step_dir = Path(r["save_to"]) / ckpt.step_dir_name(1)
     ckpt.save_model_weights(model, step_dir)
     if dist.get_rank() == 0:
         ckpt.publish_latest(Path(r["save_to"]), step_dir)
     dist.barrier()
-    for tp, pp in [(1, 1), (4, 1)]:
+    for tp, pp in r["layouts"]:
         platform = set_layout(tp, pp)
         model = load_stage(platform, r["save_to"])
-        lp = owner_result(forward_only(model, [{"tokens": tokens}], token_logprobs))
+        lp = owner_result(forward_only(model, micro_batches, token_logprobs))
         report["reshard"].append(
             {"tp": tp, "pp": pp, "equal": bool(torch.equal(lp, base)), "max_abs_diff": (lp - base).abs().max().item()}
         )
