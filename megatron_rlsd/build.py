@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from megatron_rlsd.config import Config
+from megatron_rlsd.config import Config, ConfigError
 from megatron_rlsd.platform import Platform
 
 
@@ -62,10 +62,14 @@ def build_model(cfg: Config, platform: Platform, hf_config: dict):
 
     from megatron_rlsd.checkpoint import dist as ckpt
     from megatron_rlsd.checkpoint.hf_load import load_hf_into_stage
-    from megatron_rlsd.models.registry import build_pipeline_stage
+    from megatron_rlsd.models.registry import build_pipeline_stage, use_transformer_engine
 
+    try:
+        use_te = use_transformer_engine(cfg.model.transformer_impl, platform)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
-    model, shape = build_pipeline_stage(hf_config, platform, params_dtype=dtype, init_weights=False)
+    model, shape = build_pipeline_stage(hf_config, platform, params_dtype=dtype, init_weights=False, use_te=use_te)
     mark_tensor_parallel_weights(model)
     if cfg.model.init_checkpoint:
         ckpt.load_model_weights(model, cfg.model.init_checkpoint)

@@ -35,6 +35,9 @@ class ModelConfig:
     """Optional Megatron checkpoint root (tools/convert_hf_to_megatron.py) to start from."""
     params_dtype: str = "float32"
     """float32 (CPU, tests) or bfloat16 (GPU)."""
+    transformer_impl: str = "auto"
+    """Layer implementation: auto (Transformer Engine on GPU, where it must import; the local
+    Megatron-Core spec on CPU) | te | local. Checkpoints load under either."""
 
 
 @dataclass
@@ -322,6 +325,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.resume must be one of {', '.join(RESUME_MODES)}, got {t.resume!r}")
     if t.steps < 1 or t.prompts_per_step < 1 or t.micro_batch_size < 1 or t.keep_checkpoints < 1:
         raise ConfigError("trainer.steps, prompts_per_step, micro_batch_size and keep_checkpoints must be >= 1")
+    if cfg.model.transformer_impl not in ("auto", "te", "local"):
+        raise ConfigError(f"model.transformer_impl must be auto, te or local, got {cfg.model.transformer_impl!r}")
     if cfg.model.params_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.params_dtype must be float32 or bfloat16, got {cfg.model.params_dtype!r}")
     if not cfg.model.hf_dir:

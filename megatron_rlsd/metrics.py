@@ -13,6 +13,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 
@@ -32,28 +33,32 @@ class StageTimer:
 
 
 class Accumulator:
-    """Per-rank partial results: sums, maxima, and token-weighted means as (numerator, weight)."""
+    """Per-rank partial results: sums, maxima, and weighted means as (numerator, weight).
+
+    Values may be tensors on the model's device: they are only read (one host transfer per step)
+    when the step's metrics are reduced, so collecting them never waits for the device."""
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.maxima: dict[str, float] = {}
-        self.weighted: dict[str, list[float]] = {}
+        self.sums: dict[str, object] = {}
+        self.maxima: dict[str, object] = {}
+        self.weighted: dict[str, list] = {}
 
-    def add(self, name: str, value: float) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + float(value)
+    def add(self, name: str, value) -> None:
+        self.sums[name] = self.sums.get(name, 0.0) + value
 
-    def add_max(self, name: str, value: float) -> None:
-        self.maxima[name] = max(self.maxima.get(name, -math.inf), float(value))
+    def add_max(self, name: str, value) -> None:
+        self.maxima[name] = value if name not in self.maxima else _maximum(self.maxima[name], value)
 
-    def add_mean(self, name: str, mean: float, weight: float) -> None:
-        acc = self.weighted.setdefault(name, [0.0, 0.0])
-        acc[0] += float(mean) * float(weight)
-        acc[1] += float(weight)
+    def add_mean(self, name: str, mean, weight) -> None:
+        """`mean` of `weight` items (e.g. a token-mean over `weight` tokens)."""
+        num, den = self.weighted.get(name, (0.0, 0.0))
+        self.weighted[name] = [num + mean * weight, den + weight]
 
     def reduce(self) -> dict[str, float]:
         """Collective over the world: every rank's partials combined, the same dict everywhere."""
+        local = (_floats(self.sums), _floats(self.maxima), {k: _floats(dict(enumerate(v))) for k, v in self.weighted.items()})
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, (self.sums, self.maxima, self.weighted))
+        dist.all_gather_object(everyone, local)
         sums: dict[str, float] = {}
         maxima: dict[str, float] = {}
         weighted: dict[str, list[float]] = {}
@@ -62,11 +67,23 @@ class Accumulator:
                 sums[k] = sums.get(k, 0.0) + v
             for k, v in mx.items():
                 maxima[k] = max(maxima.get(k, -math.inf), v)
-            for k, (num, den) in w.items():
+            for k, nd in w.items():
                 acc = weighted.setdefault(k, [0.0, 0.0])
-                acc[0] += num
-                acc[1] += den
+                acc[0] += nd[0]
+                acc[1] += nd[1]
         return sums | maxima | {k: num / den if den else 0.0 for k, (num, den) in weighted.items()}
+
+
+def _maximum(a, b):
+    return torch.maximum(torch.as_tensor(a), torch.as_tensor(b)) if torch.is_tensor(a) or torch.is_tensor(b) else max(a, b)
+
+
+def _floats(values: dict) -> dict:
+    """Python floats of possibly device-resident values, in one transfer."""
+    keys = list(values)
+    tensors = [values[k] for k in keys if torch.is_tensor(values[k])]
+    moved = iter(torch.stack([t.detach().double().reshape(()) for t in tensors]).cpu().tolist()) if tensors else iter(())
+    return {k: next(moved) if torch.is_tensor(values[k]) else float(values[k]) for k in keys}
 
 
 def _metrics_step(line: str) -> float:

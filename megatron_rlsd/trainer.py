@@ -248,12 +248,12 @@ class Trainer:
         student = self._score(batch, teacher=False, keep_logits=False)
         if student is not None and self.owns_metrics:
             mask = student["mask"]
-            n = float(mask.sum())
+            n = mask.sum()
             roll = pad_lists([s.rollout_logprobs for s in batch], mask.shape[1]).to(mask.device)
-            gap = (student["logp"] - roll).abs()[mask]
-            acc.add_mean("entropy", float(student["entropy"][mask].mean()) if n else 0.0, n)
-            acc.add_mean("train_rollout_logp_diff", float(gap.mean()) if n else 0.0, n)
-            acc.add_max("train_rollout_logp_maxdiff", float(gap.max()) if n else 0.0)
+            gap = torch.where(mask, (student["logp"] - roll).abs(), 0.0)
+            acc.add_mean("entropy", _masked_mean(student["entropy"], mask), n)
+            acc.add_mean("train_rollout_logp_diff", _masked_mean(gap, mask), n)
+            acc.add_max("train_rollout_logp_maxdiff", gap.max())
         return student
 
     def score_teacher(self, batch: list[Sample], student: dict | None, acc: Accumulator) -> dict | None:
@@ -263,8 +263,7 @@ class Trainer:
             teacher = self._score(batch, teacher=True, keep_logits=self.mode.teacher_logits)
         if teacher is not None and self.owns_metrics:
             mask = student["mask"]
-            n = float(mask.sum())
-            acc.add_mean("teacher_student_gap", float((teacher["logp"] - student["logp"])[mask].mean()) if n else 0.0, n)
+            acc.add_mean("teacher_student_gap", _masked_mean(teacher["logp"] - student["logp"], mask), mask.sum())
         return teacher
 
     def token_credit(self, batch, student, teacher, acc: Accumulator) -> torch.Tensor | None:
@@ -276,11 +275,25 @@ class Trainer:
         credit, metrics = self.mode.token_credit(self.step + 1, adv, student["logp"], teacher_logp, student["mask"])
         if self.owns_metrics:
             for k, v in metrics.items():
-                acc.add_mean(k, v, float(student["mask"].sum()))
+                acc.add_mean(k, v, student["mask"].sum())
         return credit
 
     def policy_update(self, batch, samples, student, teacher, credit, acc: Accumulator) -> dict:
         """One optimizer step over this rank's slice (micro-batched through the pipeline)."""
+        micro_batches, loss_fn = self.update_inputs(batch, samples, student, teacher, credit)
+        reports, result = update(self.c.model, self.c.optimizer, micro_batches, loss_fn)
+        if self.owns_metrics:
+            for r in reports:
+                acc.add("loss", r["loss"])
+                for k in ("clip_frac", "dual_clip_frac", "approx_kl", "tis_weight"):
+                    if k in r:
+                        acc.add_mean("pg_" + k, r[k], r["tokens"])
+        self._count_nonfinite(result.applied, result.grad_norm)
+        return {"grad_norm": result.grad_norm, "update_ok": result.applied, "nonfinite_skipped": self.nonfinite_skipped}
+
+    def update_inputs(self, batch, samples, student, teacher, credit):
+        """The update's micro-batches (host tensors, plus what the last stage computed on the
+        device) and its loss function `loss_fn(logits, micro_batch) -> (loss, report)`."""
         packed = pack(batch, teacher=False, pad_id=self.c.tokenizer.pad_token_id)
         width = packed.mask.shape[1]
         extra = {"in_loss": torch.tensor([self.mode.in_loss(s) for s in batch])}
@@ -305,15 +318,7 @@ class Trainer:
             loss = self.faults.loss(step, loss)
             return loss, {"loss": loss.detach(), "tokens": mask.sum()} | {k: v.detach() for k, v in metrics.items()}
 
-        reports, result = update(self.c.model, self.c.optimizer, packed.micro_batches(self.cfg.trainer.micro_batch_size, **extra), loss_fn)
-        if self.owns_metrics:
-            for r in reports:
-                acc.add("loss", r["loss"].item())
-                for k in ("clip_frac", "dual_clip_frac", "approx_kl", "tis_weight"):
-                    if k in r:
-                        acc.add_mean("pg_" + k, r[k].item(), r["tokens"].item())
-        self._count_nonfinite(result.applied, result.grad_norm)
-        return {"grad_norm": result.grad_norm, "update_ok": result.applied, "nonfinite_skipped": self.nonfinite_skipped}
+        return packed.micro_batches(self.cfg.trainer.micro_batch_size, **extra), loss_fn
 
     def _count_nonfinite(self, applied: bool, grad_norm: float) -> None:
         """Count skipped updates; stop the run after `trainer.max_consecutive_nonfinite` in a row."""
@@ -349,3 +354,8 @@ class Trainer:
         }
         m |= acc.reduce() | update_metrics
         return m | {f"time_{k}": round(v, 3) for k, v in times.items()}
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of `x` over `mask` without a host sync (0 for an empty mask)."""
+    return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)

@@ -55,3 +55,24 @@ def test_model_shape_refuses_splits_it_cannot_make(tiny_qwen3):
         shape.check_parallel(8, 1)
     with pytest.raises(ValueError, match="pipeline parallel size 3 does not divide num_hidden_layers=4"):
         shape.check_parallel(1, 3)
+
+
+def test_transformer_impl_is_chosen_explicitly_and_never_falls_back(monkeypatch):
+    """On GPU the Transformer Engine spec is used or the run refuses with one line naming the fix;
+    `local` is an explicit choice, never a silent fall-back."""
+    from megatron_rlsd.models import qwen3
+    from megatron_rlsd.models.registry import use_transformer_engine
+
+    cpu, gpu = plat.Platform("cpu", "gloo"), plat.Platform("cuda", "nccl")
+    assert use_transformer_engine("auto", cpu) is False and use_transformer_engine("local", gpu) is False
+    with pytest.raises(ValueError, match="transformer_impl=te needs CUDA"):
+        use_transformer_engine("te", cpu)
+    with pytest.raises(ValueError, match="transformer_impl must be one of"):
+        use_transformer_engine("apex", gpu)
+    monkeypatch.setattr(qwen3, "transformer_engine_import_error", lambda: "ImportError: libtransformer_engine.so")
+    for impl in ("auto", "te"):
+        with pytest.raises(ValueError, match=r"Transformer Engine does not import \(ImportError: libtransformer_engine.so\); "
+                                             r"install it with `bash tools/setup_env.sh gpu`.*model.transformer_impl=local"):
+            use_transformer_engine(impl, gpu)
+    monkeypatch.setattr(qwen3, "transformer_engine_import_error", lambda: None)
+    assert use_transformer_engine("auto", gpu) is True and use_transformer_engine("te", gpu) is True

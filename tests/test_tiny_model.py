@@ -64,11 +64,16 @@ def test_loads_and_ties(ckpts, kind):
         assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     assert cfg.rope_parameters["rope_theta"] == 1e6
     assert cfg.rms_norm_eps == 1e-6
-    # vocabulary: padded to a multiple of 128, padding rows are zero
+    # vocabulary: padded to a multiple of 128; padding rows are zero in the LM head (rarely
+    # sampled), and untied, random in the input embedding (a zero input row's RMSNorm gradient
+    # is 1000x: one sampled padding id would dominate an RL step's gradient norm)
     assert cfg.vocab_size % VOCAB_MULTIPLE == 0
     assert len(tok) <= cfg.vocab_size < len(tok) + VOCAB_MULTIPLE
     assert model.model.embed_tokens.weight.shape[0] == cfg.vocab_size
     assert torch.count_nonzero(model.lm_head.weight[len(tok):]) == 0
+    padding_rows = model.model.embed_tokens.weight[len(tok):]
+    if kind == "untied":
+        assert padding_rows.abs().amin(dim=1).gt(0).all() and 0.01 < padding_rows.std() < 0.03
     # special tokens (Qwen style) agree between tokenizer, config and generation config
     assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [0, 1, 2]
     assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"

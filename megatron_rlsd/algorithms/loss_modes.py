@@ -82,8 +82,8 @@ class LossMode:
         return float(max(1, sum(1 for s in counted if s.response)))
 
     def token_credit(self, step: int, seq_adv, student_logp, teacher_logp, mask) -> tuple[torch.Tensor | None, dict]:
-        """``([b, R] token advantages or None, {metric: token-mean over mask})`` for optimizer
-        step ``step`` (counted from 1)."""
+        """``([b, R] token advantages or None, {metric: token-mean over mask, a 0-dim tensor})``
+        for optimizer step ``step`` (counted from 1)."""
         return seq_adv.unsqueeze(1).expand_as(student_logp).clone(), {}
 
     def lam(self, step: int) -> float:
@@ -101,7 +101,7 @@ class LossMode:
         loss, metrics = policy_loss(mb.logp, mb.old_logp, mb.credit, mb.mask, eps_low=a.eps_low, eps_high=a.eps_high,
                                     dual_clip=a.dual_clip or None, agg=a.loss_agg, denominator=mb.denominator, is_weights=tis)  # fmt: skip
         if tis is not None:  # mean weight: how far the rollout engine's distribution is from ours
-            metrics["tis_weight"] = tis[mb.mask].mean() if mb.mask.any() else torch.ones(())
+            metrics["tis_weight"] = torch.where(mb.mask, tis, 0.0).sum() / mb.mask.sum().clamp(min=1)
         return loss, metrics
 
     def _opsd(self, mb: MicroBatch) -> torch.Tensor:
@@ -125,7 +125,7 @@ class Rlsd(LossMode):
     def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask):
         credit = rlsd_token_advantages(seq_adv, student_logp, teacher_logp, self.lam(step), self.cfg.eps_w)
         low, high = rlsd_clip_fractions(seq_adv, student_logp, teacher_logp, mask, self.cfg.eps_w)
-        return credit, {"clip_low": low.item(), "clip_high": high.item()}
+        return credit, {"clip_low": low, "clip_high": high}
 
 
 class Opsd(LossMode):

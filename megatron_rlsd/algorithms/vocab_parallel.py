@@ -630,8 +630,7 @@ class _TopkTailFn(torch.autograd.Function):
             e = zs.exp_()
             parts = [e.sum(dim=-1)]
             if want_tail:
-                rows, cols = _in_shard_positions(local, in_shard)
-                e[rows, cols] = 0.0  # the tail is everything but the ids
+                e.mul_(_outside_ids(e, local, in_shard))  # the tail is everything but the ids
                 parts.append(e.sum(dim=-1))
             del e, zs
             red = _summed(parts + [zk], tp_group, world)
@@ -668,13 +667,12 @@ class _TopkTailFn(torch.autograd.Function):
             p = _log_softmax_chunk(x, a, b, ctx.temperature, shift, log_s).exp_()
             gk, gt, c = g_lp[a:b], g_lt[a:b], coef[a:b]
             local, in_shard = _local_target(idr[a:b], ctx.rank, v_local)
-            rows, cols = _in_shard_positions(local, in_shard)
             rest = gk.sum(dim=-1) + gt
             # the ids: g_j - p_j * (sum_i g_i + g_tail), written over (not added
             # to) the tail formula so that a huge coef cannot cancel there
-            gid = gk[in_shard] - p[rows, cols] * rest.unsqueeze(-1).expand_as(gk)[in_shard]
+            gid = torch.where(in_shard, gk - p.gather(-1, local) * rest.unsqueeze(-1), 0.0)
             g = p.mul_((c - rest).unsqueeze(-1))  # tail tokens: p * (coef - sum_i g_i - g_tail)
-            g[rows, cols] = gid
+            g.mul_(_outside_ids(g, local, in_shard)).scatter_add_(-1, local, gid)
             if ctx.temperature != 1.0:
                 g.mul_(1.0 / ctx.temperature)
             grad[a:b] = g
@@ -682,10 +680,11 @@ class _TopkTailFn(torch.autograd.Function):
         return grad.view(logits.shape), None, None, None, None, None
 
 
-def _in_shard_positions(local: torch.Tensor, in_shard: torch.Tensor):
-    """``(rows, cols)`` index vectors of the ids that live in this rank's shard."""
-    rows = torch.arange(local.shape[0], device=local.device).unsqueeze(-1).expand_as(local)
-    return rows[in_shard], local[in_shard]
+def _outside_ids(like: torch.Tensor, local: torch.Tensor, in_shard: torch.Tensor) -> torch.Tensor:
+    """1 everywhere but at the ids in this rank's shard (0 there), shaped like `like` [n, V_local].
+    Built by scatter (no data-dependent shapes, no host sync); ids outside the shard point at
+    column 0 (see _local_target) and multiply by 1 there, whatever order the scatter takes."""
+    return torch.ones_like(like).scatter_reduce_(-1, local, (~in_shard).to(like.dtype), reduce="prod")
 
 
 def global_topk_ids(logits: torch.Tensor, k: int, tp_group, world: int, rank: int) -> torch.Tensor:

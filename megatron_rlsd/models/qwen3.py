@@ -100,12 +100,13 @@ def load_hf_config(hf_dir: str | Path) -> dict:
         return json.load(f)
 
 
-def transformer_engine_available() -> bool:
+def transformer_engine_import_error() -> str | None:
+    """Why Transformer Engine's PyTorch binding does not import here (None: it does)."""
     try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as e:  # ImportError, or a binding built against another torch (OSError, ...)
+        return f"{type(e).__name__}: {e}"
+    return None
 
 
 def layer_spec(use_te: bool):
@@ -145,8 +146,10 @@ def transformer_config(
     pp: int = 1,
     params_dtype: torch.dtype = torch.float32,
     init_weights: bool = True,
+    use_te: bool = False,
 ):
-    """Megatron TransformerConfig for Qwen3; fused kernels only where CUDA provides them."""
+    """Megatron TransformerConfig for Qwen3. Fusions: the bias/activation/dropout ones are
+    torch-fused (any GPU); the masked-softmax kernel only comes with Transformer Engine."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = not platform.is_cpu
@@ -168,7 +171,7 @@ def transformer_config(
         use_cpu_initialization=platform.is_cpu,
         perform_initialization=init_weights,
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu and use_te,
         bias_dropout_fusion=on_gpu,
         apply_rope_fusion=False,
         persist_layer_norm=False,

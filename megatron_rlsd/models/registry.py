@@ -30,9 +30,32 @@ def hf_mapping(shape):
     return module.hf_mapping(shape)
 
 
-def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_weights: bool = True, use_te: bool | None = None):
+TRANSFORMER_IMPLS = ("auto", "te", "local")
+
+
+def use_transformer_engine(impl: str, platform) -> bool:
+    """Whether to build with the Transformer Engine layer spec (`model.transformer_impl`).
+
+    auto: Transformer Engine on GPU, where it must import (a silent fall-back would train with
+    slower kernels and a different fused layout), the local spec on CPU; te: Transformer Engine,
+    GPU only; local: Megatron-Core's local spec everywhere. Raises ValueError naming the fix."""
+    if impl not in TRANSFORMER_IMPLS:
+        raise ValueError(f"model.transformer_impl must be one of {', '.join(TRANSFORMER_IMPLS)}, got {impl!r}")
+    if impl == "local" or (impl == "auto" and platform.is_cpu):
+        return False
+    if platform.is_cpu:
+        raise ValueError("model.transformer_impl=te needs CUDA (Transformer Engine has no CPU kernels); use auto or local")
+    error = qwen3.transformer_engine_import_error()
+    if error:
+        raise ValueError(f"Transformer Engine does not import ({error}); install it with `bash tools/setup_env.sh gpu` "
+                         f"(or use docker/Dockerfile), or set model.transformer_impl=local to run without it")  # fmt: skip
+    return True
+
+
+def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_weights: bool = True, use_te: bool = False):
     """This rank's pipeline stage of the model named by `hf_config`, under the current
-    Megatron parallel_state (TP/PP already initialised). Returns (model, shape)."""
+    Megatron parallel_state (TP/PP already initialised), with the Transformer Engine layer spec
+    or the local one (`use_transformer_engine`). Returns (model, shape)."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -40,10 +63,8 @@ def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_w
     shape = module.Shape.from_hf_config(hf_config)
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     shape.check_parallel(tp, pp)
-    if use_te is None:
-        use_te = not platform.is_cpu and qwen3.transformer_engine_available()
     config = module.transformer_config(
-        shape, platform, tp=tp, pp=pp, params_dtype=params_dtype or torch.float32, init_weights=init_weights
+        shape, platform, tp=tp, pp=pp, params_dtype=params_dtype or torch.float32, init_weights=init_weights, use_te=use_te
     )
     model = module.build_model(
         shape, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), use_te=use_te

@@ -15,8 +15,8 @@ network access.
   the same arguments give bit-identical safetensors.
 * ``config.vocab_size`` is the tokenizer length padded up to a multiple of 128
   (Megatron needs the vocabulary to divide by the tensor-parallel size).  The
-  padding rows of the embedding / LM head are zero, so a random model almost
-  never samples an id the tokenizer cannot decode.
+  padding rows of the LM head are zero, so a random model rarely samples an id the
+  tokenizer cannot decode (see :func:`random_model` for the input embedding).
 """
 
 from __future__ import annotations
@@ -379,8 +379,14 @@ def build_tiny_qwen3(out_dir: str | os.PathLike, **text) -> pathlib.Path:
 def random_model(model_class, config, seed: int, std_of, real_vocab: int):
     """`model_class(config)` in fp32 with weights drawn from a private generator seeded with `seed`
     (the caller's global RNG is untouched; the result does not depend on transformers' init):
-    matrices and biases ~ N(0, std_of(name)), norm weights 1, norm biases 0. Embedding / LM-head
-    rows past `real_vocab` (padding) are zero, so the random model essentially never emits them."""
+    matrices and biases ~ N(0, std_of(name)), norm weights 1, norm biases 0. LM-head rows past
+    `real_vocab` (padding) are zero, so the random model rarely emits those ids.
+
+    Their input-embedding rows stay random like every other row (when the embeddings are untied):
+    a policy does sample padding ids now and then, and a zero input row makes the first RMSNorm
+    normalise a zero vector, whose gradient is scaled by 1/sqrt(eps) = 1000: single sampled
+    tokens then dominated RL gradient norms (100-1000x a normal step) and, clipped, stalled
+    learning. Tied embeddings share one matrix, so there the padding rows are zero on both sides."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
@@ -397,8 +403,7 @@ def random_model(model_class, config, seed: int, std_of, real_vocab: int):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std_of(name))
-        if model.get_input_embeddings().weight.shape[0] > real_vocab:
-            model.get_input_embeddings().weight[real_vocab:].zero_()
+        if model.get_output_embeddings().weight.shape[0] > real_vocab:
             model.get_output_embeddings().weight[real_vocab:].zero_()
     return model
 
