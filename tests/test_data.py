@@ -96,6 +96,20 @@ def test_parquet_and_column_mapping(tmp_path):
         load_prompt_rows(path, columns={"question": "problem"})
 
 
+def test_optional_reference_solution(tmp_path):
+    """A `solution` column (a worked response, what the warm start trains on) is read when
+    present, empty otherwise; a column mapped to another field is not read as one."""
+    path = write_lines(tmp_path / "s.jsonl", [
+        json.dumps({"id": "1", "problem": "What is 1 + 1?", "answer": "2", "solution": "<answer>2</answer>"}),
+        json.dumps({"id": "2", "problem": "What is 2 + 2?", "answer": "4"}),
+        json.dumps({"id": "3", "problem": "What is 3 + 3?", "answer": "6", "solution": 6}),
+    ])
+    rows, _ = load_prompt_rows(path)
+    assert [r.solution for r in rows] == ["<answer>2</answer>", "", ""]
+    rows, _ = load_prompt_rows(path, columns={"answer": "solution"})
+    assert [(r.answer, r.solution) for r in rows] == [("<answer>2</answer>", ""), ("6", "")]
+
+
 def test_parquet_numeric_answers(tmp_path):
     path = tmp_path / "num.parquet"
     pq.write_table(pa.table({"problem": ["p1", "p2"], "answer": [8.0, 0.25]}), path)

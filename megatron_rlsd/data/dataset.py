@@ -195,6 +195,9 @@ def load_prompt_rows(
     if unknown:
         raise ValueError(f"columns: unknown field(s) {sorted(unknown)}; expected a subset of {list(FIELDS)}")
     mapping.update(columns or {})
+    # a column the caller mapped to another field (e.g. answers in a "solution" column) is not
+    # also read as the optional reference solution
+    solution_column = mapping["solution"] if mapping["solution"] not in {mapping[f] for f in FIELDS if f != "solution"} else None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         records, where = _iter_jsonl(path), "line"
@@ -229,7 +232,7 @@ def load_prompt_rows(
         except SkipRow as skip:
             skipped.setdefault(skip.reason, []).append(rid if rid == default_id else f"{rid} ({where} {n})")
             continue
-        solution = record.get(mapping["solution"])
+        solution = record.get(solution_column) if solution_column else None
         rows.append(PromptRow(id=rid, problem=problem, answer=answer, images=images,
                               solution=solution if isinstance(solution, str) else ""))  # fmt: skip
 
