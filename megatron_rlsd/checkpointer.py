@@ -56,6 +56,7 @@ RESUME_MUST_MATCH: tuple[str, ...] = (
     "algorithm.*",
     "trainer.seed",  # rollout seeds derive from (trainer.seed, step, sample)
     "trainer.prompts_per_step",
+    "trainer.mini_batches_per_step",
 )
 """Fields that define a run: resuming with any of them changed is refused (one config error line
 naming the field, the checkpoint's value and the new one). To change one, start a new run in
@@ -68,7 +69,8 @@ Everything else may change on resume, and each change is logged (`resume: FIELD 
   lr after a spike); the optimizer's moments and step count are restored;
 - rollout.max_new_tokens (a response-length curriculum) and the engine's resources
   (vllm_tensor_parallel_size, kv_cache_mb, gpu_memory_utilization, weight_bucket_mb, vllm_log_level);
-- reward.timeout_s, trainer.micro_batch_size (memory only);
+- memory and speed only: reward.timeout_s, trainer.micro_batch_size, max_tokens_per_microbatch,
+  model.recompute*, model.transformer_impl, parallel.sequence_parallel, offload.*;
 - bookkeeping: trainer.steps, save_interval, keep_checkpoints, output_dir, tensorboard,
   max_consecutive_nonfinite, resume, test_faults.*;
 - what only matters for a fresh start: model.hf_dir's path, model.init_checkpoint, demo.*,

@@ -38,6 +38,13 @@ class ModelConfig:
     transformer_impl: str = "auto"
     """Layer implementation: auto (Transformer Engine on GPU, where it must import; the local
     Megatron-Core spec on CPU) | te | local. Checkpoints load under either."""
+    recompute: str = "none"
+    """Activation recomputation in the training forward: none | selective (attention's core,
+    cheap to redo) | full (whole layers; see recompute_method / recompute_num_layers)."""
+    recompute_method: str = "uniform"
+    """full recompute: uniform (checkpoint groups of recompute_num_layers layers) | block (the
+    first recompute_num_layers layers of each pipeline stage)."""
+    recompute_num_layers: int = 1
 
 
 @dataclass
@@ -130,7 +137,15 @@ class TrainerConfig:
     steps: int = 200
     prompts_per_step: int = 256
     micro_batch_size: int = 8
-    """Sequences per micro-batch in the scoring passes and the update."""
+    """Sequences per micro-batch in the scoring passes and the update (at most; see
+    max_tokens_per_microbatch)."""
+    max_tokens_per_microbatch: int = 0
+    """> 0: micro-batches are formed by a token budget instead: samples grouped by length, each
+    micro-batch padded only to its own longest row and holding at most this many (padded) tokens.
+    The loss normalisation is global either way."""
+    mini_batches_per_step: int = 1
+    """Optimizer steps per rollout batch (PPO-style). 1 (the paper): the old log-probs are the
+    current ones, taken from the update's own forward (no separate student pass)."""
     seed: int = 1234
     output_dir: str = "outputs/run"
     save_interval: int = 10
@@ -154,6 +169,19 @@ class TrainerConfig:
     OUTPUT/previous-<timestamp>/. A requeued job (Slurm) reruns its config, so do not leave
     `never` in a job that may be requeued: every restart would start over.
     Resuming checks the checkpoint's config (checkpointer.RESUME_MUST_MATCH)."""
+
+
+@dataclass
+class OffloadConfig:
+    """What leaves the GPU for pinned host memory while vLLM generates (GPU runs; no effect on
+    CPU). Each costs a host round trip of its bytes per step."""
+
+    grads: bool = False
+    """Megatron's gradient buffers (fp32, 4 bytes per parameter)."""
+    optimizer: bool = False
+    """The optimizer's state (fp32 main weights and Adam moments)."""
+    teacher: bool = False
+    """The teacher snapshot lives in pinned host memory and is copied in for the teacher pass."""
 
 
 @dataclass
@@ -204,6 +232,7 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     test_faults: FaultInjectionConfig = field(default_factory=FaultInjectionConfig)
 
@@ -325,6 +354,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.resume must be one of {', '.join(RESUME_MODES)}, got {t.resume!r}")
     if t.steps < 1 or t.prompts_per_step < 1 or t.micro_batch_size < 1 or t.keep_checkpoints < 1:
         raise ConfigError("trainer.steps, prompts_per_step, micro_batch_size and keep_checkpoints must be >= 1")
+    if cfg.model.recompute not in ("none", "selective", "full") or cfg.model.recompute_method not in ("uniform", "block"):
+        raise ConfigError("model.recompute must be none, selective or full and model.recompute_method uniform or block")
+    if cfg.model.recompute_num_layers < 1:
+        raise ConfigError("model.recompute_num_layers must be >= 1")
+    if t.max_tokens_per_microbatch < 0 or t.mini_batches_per_step < 1:
+        raise ConfigError("trainer.max_tokens_per_microbatch must be >= 0 (0: off) and trainer.mini_batches_per_step >= 1")
     if cfg.model.transformer_impl not in ("auto", "te", "local"):
         raise ConfigError(f"model.transformer_impl must be auto, te or local, got {cfg.model.transformer_impl!r}")
     if cfg.model.params_dtype not in ("float32", "bfloat16"):

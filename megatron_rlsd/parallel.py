@@ -23,6 +23,9 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    """At TP > 1: split the activations outside attention and MLP (norms, dropout, residuals)
+    along the sequence over the TP ranks, 1/TP of their memory."""
     virtual_pipeline_model_parallel_size: int | None = None
     """Not implemented (must stay null): the trainer drives one model chunk per stage."""
     context_parallel_size: int = 1
