@@ -294,7 +294,7 @@ class Checkpointer:
         apply_hparams(self.optimizer, self.cfg.optim)  # optim.* may change on resume
         trainer_state = loaded["trainer"]  # common (non-sharded) state comes back merged in
         if not self.teacher.is_live:
-            with self.teacher.swapped_in():
+            with self.teacher.swapped_in(write_back=True):
                 teacher = ckpt.load_sharded({"teacher": self.model.sharded_state_dict(prefix=TEACHER_PREFIX)}, step_dir)
                 self.model.load_state_dict({k[len(TEACHER_PREFIX):]: v for k, v in teacher["teacher"].items()})
         # RNG states are rank-specific (the tracker's streams follow the TP rank): restored only at

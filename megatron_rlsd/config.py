@@ -119,7 +119,10 @@ class AlgorithmConfig:
     """jsd | forward_kl | reverse_kl"""
     opsd_beta: float = 0.5
     grpo_opsd_alpha: float = 0.1
-    sdpo_topk: int = 100
+    distill_topk: int = 100
+    """opsd / grpo_opsd / sdpo: the teacher's distribution is kept as its top-k tokens plus a tail
+    bucket (SDPO's top-k + tail; k log-probs per token instead of the vocabulary); 0 keeps the
+    full distribution (exact; memory B x R x V per rank)."""
 
 
 @dataclass
@@ -348,6 +351,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.loss_agg must be token_mean or seq_mean_token_mean, got {a.loss_agg!r}")
     if a.opsd_divergence not in ("jsd", "forward_kl", "reverse_kl"):
         raise ConfigError(f"algorithm.opsd_divergence must be jsd, forward_kl or reverse_kl, got {a.opsd_divergence!r}")
+    if a.distill_topk < 0:
+        raise ConfigError(f"algorithm.distill_topk must be >= 0 (0: the full distribution), got {a.distill_topk}")
     if a.dual_clip and a.dual_clip <= 1:
         raise ConfigError(f"algorithm.dual_clip must be > 1 (or 0 to disable), got {a.dual_clip}")
     if t.resume not in RESUME_MODES:

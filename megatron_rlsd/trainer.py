@@ -3,10 +3,15 @@
 One step, top to bottom (`Trainer.train_step`):
 
     next_prompts -> generate_rollouts (vLLM) -> score_rewards -> compute_advantages
-      -> score_student (old log-probs, entropy; forward-only pipeline)
       -> score_teacher (privileged-context log-probs; forward-only, teacher weights swapped in)
-      -> token_credit (the loss mode) -> policy_update (fwd+bwd, optimizer step)
+      -> policy_update (fwd+bwd: the student's log-probs, the loss mode's token credit and loss;
+                        one optimizer step per mini-batch)
       -> teacher.after_update -> sync_weights (Megatron shards -> HF tensors in buckets -> vLLM)
+
+With one optimizer step per rollout batch (the paper's setting) the old log-probs are the current
+ones: they come, detached, from the update's own forward, and RLSD costs GRPO plus exactly one
+forward, the teacher's. A separate student pass (score_student) runs only for several
+mini-batches per step (PPO-style), where the policy moves between them.
 
 Every rank runs the same code. Rollouts are spread over all ranks (each hosts an engine) and
 gathered; each data-parallel rank then trains on its slice of the global batch. What the loss
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_rlsd.algorithms import MicroBatch, group_advantages, make_loss_mode
+from megatron_rlsd.algorithms.losses import TeacherTopk, teacher_topk
 from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
 from megatron_rlsd.build import Components
 from megatron_rlsd.checkpointer import COMPLETED_MARKER, STOPPED_MARKER, Checkpointer
@@ -33,11 +39,20 @@ from megatron_rlsd.data import EpochSampler
 from megatron_rlsd.data.vision import load_image
 from megatron_rlsd.fault_injection import FaultInjector
 from megatron_rlsd.metrics import Accumulator, MetricsLogger, StageTimer
-from megatron_rlsd.models.forward import forward_only, model_device
+from megatron_rlsd.models.forward import forward_only
 from megatron_rlsd.optimizer import update
 from megatron_rlsd.parallel import all_reduce_scalar
 from megatron_rlsd.rewards import score_response
-from megatron_rlsd.rollout.samples import Sample, pack, pad_lists, response_logits
+from megatron_rlsd.offload import Offloader
+from megatron_rlsd.rollout.samples import (
+    Sample,
+    gather_rows,
+    micro_batches,
+    pad_lists,
+    padding_efficiency,
+    plan_micro_batches,
+    response_logits,
+)
 from megatron_rlsd.rollout.weight_sync import iter_hf_buckets
 from megatron_rlsd.teacher import TeacherWeights
 from megatron_rlsd.warm_start import warm_start
@@ -54,7 +69,9 @@ class Trainer:
         a = cfg.algorithm
         self.mode = make_loss_mode(a, cfg.rollout.truncated_is_cap)
         self.sampler = EpochSampler(len(components.rows), seed=cfg.data.seed)
-        self.teacher = TeacherWeights(self.module, a.teacher_refresh_interval, a.teacher_ema_rate)
+        self.teacher = TeacherWeights(self.module, a.teacher_refresh_interval, a.teacher_ema_rate,
+                                      on_host=cfg.offload.teacher)  # fmt: skip
+        self.offloader = Offloader(cfg.offload, components.model, components.optimizer)
         self.faults = FaultInjector(cfg.test_faults)
         self.checkpointer = Checkpointer(cfg, self.module, components.optimizer, self.teacher, self.faults,
                                          cuda_rng=not components.platform.is_cpu)  # fmt: skip
@@ -150,22 +167,22 @@ class Trainer:
         return self.learn_from(samples, mine, t)
 
     def learn_from(self, samples: list[Sample], mine: list[int], t: StageTimer | None = None) -> dict:
-        """Everything after the rollouts: rewards, scoring passes, credit, the update, the teacher
-        and the weight sync. `mine`: the samples this rank generated. Returns the step's metrics."""
+        """Everything after the rollouts: rewards, the teacher pass, the update(s), the teacher's
+        refresh and the weight sync. `mine`: the samples this rank generated. Returns the step's
+        metrics."""
         t, acc = t or StageTimer(), Accumulator()
+        self.offloader.for_training()
         with t("reward"):
             self.score_rewards(samples, mine)
             self.compute_advantages(samples)
         batch = self.local_batch(samples)
-        with t("student"):
-            student = self.score_student(batch, acc)
         with t("teacher"):
-            teacher = self.score_teacher(batch, student, acc)
-        credit = self.token_credit(batch, student, teacher, acc)
+            teacher = self.score_teacher(batch)
         with t("update"):
-            update_metrics = self.policy_update(batch, samples, student, teacher, credit, acc)
+            update_metrics = self.policy_update(batch, samples, teacher, acc)
         self.step += 1
         self.teacher.after_update(self.step)
+        self.offloader.for_rollout()
         with t("sync"):
             self.sync_weights()
         return self.step_metrics(samples, acc, update_metrics, t.times)
@@ -223,102 +240,128 @@ class Trainer:
         for s, a in zip(samples, adv.tolist()):
             s.advantage = a
 
-    def local_batch(self, samples: list[Sample]) -> list[Sample]:
-        """This data-parallel rank's contiguous slice of the global batch."""
-        idx = np.array_split(np.arange(len(samples)), ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
-        return [samples[i] for i in idx]
+    def local_batch(self, samples: list[Sample], dp_rank: int | None = None) -> list[Sample]:
+        """A data-parallel rank's contiguous slice of the global batch (default: this rank's)."""
+        dp_rank = ps.get_data_parallel_rank() if dp_rank is None else dp_rank
+        return [samples[i] for i in np.array_split(np.arange(len(samples)), ps.get_data_parallel_world_size())[dp_rank]]
 
-    def _score(self, batch: list[Sample], teacher: bool, keep_logits: bool) -> dict | None:
-        """Forward-only over the pipeline: log-probs and entropy of the response tokens [B, R] at
-        the rollout temperature (and their vocab-parallel logits when the loss mode needs the
-        distribution), on the model's device. Last stage only; None elsewhere."""
-        packed = pack(batch, teacher=teacher, pad_id=self.c.tokenizer.pad_token_id)
+    def _groups(self, batch: list[Sample], teacher: bool) -> list[list[int]]:
+        """Micro-batches of `batch` (sample indices): trainer.micro_batch_size rows, or a token
+        budget (trainer.max_tokens_per_microbatch) over the prompt + response lengths."""
+        t = self.cfg.trainer
+        lengths = [len(s.teacher_prompt if teacher else s.student_prompt) + len(s.response) for s in batch]
+        return plan_micro_batches(lengths, t.micro_batch_size, t.max_tokens_per_microbatch)
 
-        def compute(logits, mb):
-            rl = response_logits(logits, mb["resp_pos"])
-            lp, ent = vocab_parallel_logprobs_and_entropy(rl, mb["resp_ids"], tp_group=self.tp_group, temperature=self.temperature)
-            return {"logp": lp, "entropy": ent} | ({"logits": rl} if keep_logits else {})
+    def _forward_scores(self, batch: list[Sample], teacher: bool, compute) -> dict | None:
+        """Forward-only over the pipeline; `compute(logits [b, R, V/tp], mb) -> {name: [b, R, ...]}`
+        on the last stage, gathered back in sample order ([B, R, ...] on the model's device; None
+        on other stages)."""
+        groups = self._groups(batch, teacher)
+        mbs = micro_batches(batch, groups, teacher=teacher, pad_id=self.c.tokenizer.pad_token_id)
 
-        outs = forward_only(self.c.model, packed.micro_batches(self.cfg.trainer.micro_batch_size), compute)
+        def per_mb(logits, mb):
+            return compute(response_logits(logits, mb["resp_pos"]), mb)
+
+        outs = forward_only(self.c.model, mbs, per_mb)
         if not outs:
             return None
-        return {k: torch.cat([o[k] for o in outs]) for k in outs[0]} | {"mask": packed.mask.to(model_device(self.c.model))}
+        return {k: gather_rows([o[k] for o in outs], groups, len(batch)) for k in outs[0]}
 
-    def score_student(self, batch: list[Sample], acc: Accumulator) -> dict | None:
-        student = self._score(batch, teacher=False, keep_logits=False)
-        if student is not None and self.owns_metrics:
-            mask = student["mask"]
-            n = mask.sum()
-            roll = pad_lists([s.rollout_logprobs for s in batch], mask.shape[1]).to(mask.device)
-            gap = torch.where(mask, (student["logp"] - roll).abs(), 0.0)
-            acc.add_mean("entropy", _masked_mean(student["entropy"], mask), n)
-            acc.add_mean("train_rollout_logp_diff", _masked_mean(gap, mask), n)
-            acc.add_max("train_rollout_logp_maxdiff", gap.max())
-        return student
+    def _logprobs(self, rl: torch.Tensor, mb: dict) -> torch.Tensor:
+        return vocab_parallel_logprobs(rl, mb["resp_ids"], tp_group=self.tp_group, temperature=self.temperature)
 
-    def score_teacher(self, batch: list[Sample], student: dict | None, acc: Accumulator) -> dict | None:
+    def score_student(self, batch: list[Sample]) -> dict | None:
+        """The old policy's log-probs of the response tokens, before any update of this step
+        (needed only with several mini-batches per step)."""
+        return self._forward_scores(batch, teacher=False, compute=lambda rl, mb: {"logp": self._logprobs(rl, mb)})
+
+    def score_teacher(self, batch: list[Sample]) -> dict | None:
+        """The teacher's log-probs of the response tokens (privileged prompt, teacher weights), and
+        its distribution's top-k (or its logits with algorithm.distill_topk=0) when the loss mode
+        distils it: computed per micro-batch, the batch's vocabulary is never held at once."""
         if not self.mode.teacher_pass:
             return None
+        k = self.cfg.algorithm.distill_topk
+
+        def compute(rl, mb):
+            out = {"logp": self._logprobs(rl, mb)}
+            if self.mode.teacher_logits and k:
+                top = teacher_topk(rl, k, tp_group=self.tp_group, temperature=self.temperature)
+                out |= {"topk_ids": top.ids, "topk_logp": top.logp} | ({"topk_tail": top.tail} if top.tail is not None else {})
+            elif self.mode.teacher_logits:
+                out["logits"] = rl
+            return out
+
         with self.teacher.swapped_in():
-            teacher = self._score(batch, teacher=True, keep_logits=self.mode.teacher_logits)
-        if teacher is not None and self.owns_metrics:
-            mask = student["mask"]
-            acc.add_mean("teacher_student_gap", _masked_mean(teacher["logp"] - student["logp"], mask), mask.sum())
-        return teacher
+            return self._forward_scores(batch, teacher=True, compute=compute)
 
-    def token_credit(self, batch, student, teacher, acc: Accumulator) -> torch.Tensor | None:
-        """Token advantages [B, R] for the surrogate (None on other stages or without one)."""
-        if student is None:
-            return None
-        adv = torch.tensor([s.advantage for s in batch], dtype=torch.float32, device=student["logp"].device)
-        teacher_logp = teacher["logp"] if teacher is not None else student["logp"]
-        credit, metrics = self.mode.token_credit(self.step + 1, adv, student["logp"], teacher_logp, student["mask"])
-        if self.owns_metrics:
-            for k, v in metrics.items():
-                acc.add_mean(k, v, student["mask"].sum())
-        return credit
+    def mini_batches(self, batch: list[Sample]) -> list[list[int]]:
+        """A rank's slice split into trainer.mini_batches_per_step optimizer steps."""
+        return [part.tolist() for part in np.array_split(np.arange(len(batch)), self.cfg.trainer.mini_batches_per_step)]
 
-    def policy_update(self, batch, samples, student, teacher, credit, acc: Accumulator) -> dict:
-        """One optimizer step over this rank's slice (micro-batched through the pipeline)."""
-        micro_batches, loss_fn = self.update_inputs(batch, samples, student, teacher, credit)
-        reports, result = update(self.c.model, self.c.optimizer, micro_batches, loss_fn)
-        if self.owns_metrics:
-            for r in reports:
-                acc.add("loss", r["loss"])
-                for k in ("clip_frac", "dual_clip_frac", "approx_kl", "tis_weight"):
-                    if k in r:
-                        acc.add_mean("pg_" + k, r[k], r["tokens"])
-        self._count_nonfinite(result.applied, result.grad_norm)
-        return {"grad_norm": result.grad_norm, "update_ok": result.applied, "nonfinite_skipped": self.nonfinite_skipped}
+    def policy_update(self, batch: list[Sample], samples: list[Sample], teacher: dict | None, acc: Accumulator) -> dict:
+        """The optimizer step(s) over this rank's slice, micro-batched through the pipeline."""
+        minis = self.mini_batches(batch)
+        old = self.score_student(batch) if len(minis) > 1 else None  # else: from the update's own forward
+        slices = [self.local_batch(samples, dp_rank) for dp_rank in range(ps.get_data_parallel_world_size())]
+        norms, applied = [], []
+        for j, rows in enumerate(minis):
+            # the normalisation counts the j-th mini-batch of every data-parallel rank
+            everyone = [sl[i] for sl in slices for i in self.mini_batches(sl)[j]]
+            mbs, loss_fn = self.update_inputs([batch[i] for i in rows], self.mode.denominator(everyone),
+                                              _pick(old, rows), _pick(teacher, rows), acc)  # fmt: skip
+            reports, result = update(self.c.model, self.c.optimizer, mbs, loss_fn)
+            if self.owns_metrics:
+                for r in reports:
+                    acc.add("loss", r.pop("loss") / len(minis))
+                    acc.add_max("train_rollout_logp_maxdiff", r.pop("logp_maxdiff"))
+                    tokens = r.pop("tokens")
+                    for k, v in r.items():
+                        acc.add_mean(k, v, tokens)
+            self._count_nonfinite(result.applied, result.grad_norm)
+            norms.append(result.grad_norm)
+            applied.append(result.applied)
+        return {"grad_norm": float(np.mean(norms)), "update_ok": all(applied), "nonfinite_skipped": self.nonfinite_skipped}
 
-    def update_inputs(self, batch, samples, student, teacher, credit):
-        """The update's micro-batches (host tensors, plus what the last stage computed on the
-        device) and its loss function `loss_fn(logits, micro_batch) -> (loss, report)`."""
-        packed = pack(batch, teacher=False, pad_id=self.c.tokenizer.pad_token_id)
-        width = packed.mask.shape[1]
-        extra = {"in_loss": torch.tensor([self.mode.in_loss(s) for s in batch])}
-        if student is not None:  # the last stage: what the loss reads
-            extra |= {"old_logp": student["logp"], "rollout_logp": pad_lists([s.rollout_logprobs for s in batch], width)}
-            if credit is not None:
-                extra["credit"] = credit
-            if teacher is not None and "logits" in teacher:
-                extra["teacher_logits"] = teacher["logits"]
-        denominator = self.mode.denominator(samples)
+    def update_inputs(self, batch: list[Sample], denominator: float, old: dict | None, teacher: dict | None, acc: Accumulator):
+        """One optimizer step's micro-batches (host tensors, plus what the last stage computed on
+        the device) and its loss function `loss_fn(logits, micro_batch) -> (loss, report)`."""
+        groups = self._groups(batch, teacher=False)
+        useful, computed = padding_efficiency(batch, groups)
+        acc.add_mean("padding_efficiency", useful / computed, computed)
+        width = max(1, max(len(s.response) for s in batch))
+        extra = {"in_loss": torch.tensor([self.mode.in_loss(s) for s in batch]),
+                 "adv": torch.tensor([s.advantage for s in batch], dtype=torch.float32),
+                 "rollout_logp": pad_lists([s.rollout_logprobs for s in batch], width)}  # fmt: skip
+        extra |= {f"old_{k}": v for k, v in (old or {}).items()} | {f"teacher_{k}": v for k, v in (teacher or {}).items()}
+        mbs = micro_batches(batch, groups, teacher=False, pad_id=self.c.tokenizer.pad_token_id, extra=extra)
         step = self.step + 1
 
         def loss_fn(logits, mb):
             rl = response_logits(logits, mb["resp_pos"])
-            logp = vocab_parallel_logprobs(rl, mb["resp_ids"], tp_group=self.tp_group, temperature=self.temperature)
-            mask = mb["mask"] & mb["in_loss"].unsqueeze(1)
+            logp, entropy = vocab_parallel_logprobs_and_entropy(rl, mb["resp_ids"], tp_group=self.tp_group,
+                                                                temperature=self.temperature)  # fmt: skip
+            valid = mb["mask"]
+            old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()  # one step per batch: old = current
+            teacher_logp = mb.get("teacher_logp", old_logp)
+            credit, credit_metrics = self.mode.token_credit(step, mb["adv"], old_logp, teacher_logp, valid)
+            top = None
+            if "teacher_topk_ids" in mb:
+                top = TeacherTopk(mb["teacher_topk_ids"], mb["teacher_topk_logp"], mb.get("teacher_topk_tail"))
             loss, metrics = self.mode.loss(MicroBatch(
-                logits=rl, logp=logp, mask=mask, old_logp=mb["old_logp"], rollout_logp=mb["rollout_logp"],
-                credit=mb.get("credit"), teacher_logits=mb.get("teacher_logits"), denominator=denominator,
-                tp_group=self.tp_group, temperature=self.temperature,
+                logits=rl, logp=logp, mask=valid & mb["in_loss"].unsqueeze(1), old_logp=old_logp,
+                rollout_logp=mb["rollout_logp"], credit=credit, teacher_logits=mb.get("teacher_logits"),
+                teacher_topk=top, denominator=denominator, tp_group=self.tp_group, temperature=self.temperature,
             ))  # fmt: skip
             loss = self.faults.loss(step, loss)
-            return loss, {"loss": loss.detach(), "tokens": mask.sum()} | {k: v.detach() for k, v in metrics.items()}
+            gap = torch.where(valid, (old_logp - mb["rollout_logp"]).abs(), 0.0)
+            report = {"loss": loss.detach(), "tokens": valid.sum(), "logp_maxdiff": gap.max(),
+                      "entropy": _masked_mean(entropy.detach(), valid), "train_rollout_logp_diff": _masked_mean(gap, valid)}  # fmt: skip
+            if "teacher_logp" in mb:
+                report["teacher_student_gap"] = _masked_mean(teacher_logp - old_logp, valid)
+            return loss, report | credit_metrics | {f"pg_{k}": v.detach() for k, v in metrics.items()}
 
-        return packed.micro_batches(self.cfg.trainer.micro_batch_size, **extra), loss_fn
+        return mbs, loss_fn
 
     def _count_nonfinite(self, applied: bool, grad_norm: float) -> None:
         """Count skipped updates; stop the run after `trainer.max_consecutive_nonfinite` in a row."""
@@ -359,3 +402,11 @@ class Trainer:
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of `x` over `mask` without a host sync (0 for an empty mask)."""
     return torch.where(mask, x, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def _pick(scores: dict | None, rows: list[int]) -> dict | None:
+    """The rows `rows` of every [B, ...] score tensor."""
+    if scores is None:
+        return None
+    index = torch.tensor(rows, device=next(iter(scores.values())).device)
+    return {k: v[index] for k, v in scores.items()}

@@ -19,7 +19,7 @@ from megatron_rlsd.build import Components
 from megatron_rlsd.config import Config, ConfigError
 from megatron_rlsd.optimizer import apply_hparams, reset_moments, update
 from megatron_rlsd.parallel import all_reduce_scalar
-from megatron_rlsd.rollout.samples import Sample, pack, response_logits
+from megatron_rlsd.rollout.samples import Sample, micro_batches, plan_micro_batches, response_logits
 
 
 def warm_start(c: Components, cfg: Config) -> None:
@@ -43,15 +43,17 @@ def warm_start(c: Components, cfg: Config) -> None:
             prompt, vision = c.encoder.encode(messages, row.images)
             response = tok(row.solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
             samples.append(Sample(row=row, group=0, student_prompt=prompt, teacher_prompt=prompt, response=response, vision=vision))
-        packed = pack(samples, teacher=False, pad_id=tok.pad_token_id)
-        n_tokens = all_reduce_scalar(float(packed.mask.sum()), group=ps.get_data_parallel_group())
+        groups = plan_micro_batches([len(s.student_prompt) + len(s.response) for s in samples], mbs_size,
+                                    cfg.trainer.max_tokens_per_microbatch)  # fmt: skip
+        n_tokens = all_reduce_scalar(float(sum(len(s.response) for s in samples)), group=ps.get_data_parallel_group())
 
         def nll(logits, mb):
             lp = vocab_parallel_logprobs(response_logits(logits, mb["resp_pos"]), mb["resp_ids"], tp_group=tp_group)
             value = -(lp * mb["mask"]).sum() / n_tokens
             return value, {"nll": value.detach()}
 
-        reports, _ = update(c.model, c.optimizer, packed.micro_batches(mbs_size), nll)
+        mbs = micro_batches(samples, groups, teacher=False, pad_id=tok.pad_token_id)
+        reports, _ = update(c.model, c.optimizer, mbs, nll)
         if ps.is_pipeline_last_stage() and (step % 25 == 0 or step == steps):
             loss = all_reduce_scalar(sum(r["nll"].item() for r in reports), group=ps.get_data_parallel_group())
             if ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:

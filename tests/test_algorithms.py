@@ -461,14 +461,14 @@ def ref_opsd(teacher, student, divergence, beta, temperature):
 
 
 def ref_sdpo(teacher, student, topk, beta, temperature):
-    """Top-k (student's) + tail bucket, tail mass summed directly over the other tokens."""
+    """The teacher's top-k + tail bucket, tail mass summed directly over the other tokens."""
     t = teacher.double().detach().reshape(-1, teacher.shape[-1])
     s = student.double().reshape(-1, student.shape[-1])
     out = []
     for i in range(t.shape[0]):
         pt = torch.softmax(t[i] / temperature, -1)
         ps = torch.softmax(s[i] / temperature, -1)
-        order = torch.argsort(s[i].detach(), descending=True)
+        order = torch.argsort(t[i], descending=True)
         top, rest = order[:topk], order[topk:]
         cat_t, cat_s = pt[top], ps[top]
         if len(rest) > 0:

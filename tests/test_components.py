@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_rlsd.algorithms import MicroBatch, make_loss_mode
-from megatron_rlsd.algorithms.losses import sdpo_token_divergence
+from megatron_rlsd.algorithms.losses import sdpo_token_divergence, teacher_topk
 from megatron_rlsd.config import AlgorithmConfig, FaultInjectionConfig
 from megatron_rlsd.data import PromptRow, PromptTemplates
 from megatron_rlsd.fault_injection import FaultInjector
@@ -74,7 +74,7 @@ def test_sdpo_reprompts_with_the_student_prompt_and_normalises_by_its_own_tokens
     """SDPO's teacher sees the student's prompt (format instructions included) plus the shortest
     other correct response; samples without a correct sibling are out of the loss and of its
     denominator."""
-    mode = make_loss_mode(AlgorithmConfig(loss_mode="sdpo", sdpo_topk=4))
+    mode = make_loss_mode(AlgorithmConfig(loss_mode="sdpo", distill_topk=4))
     templates = PromptTemplates()
     rows = [PromptRow(id="a", problem="What is 1 + 2?", answer="3"), PromptRow(id="b", problem="What is 2 + 2?", answer="4")]
     samples = [
@@ -105,9 +105,13 @@ def test_sdpo_reprompts_with_the_student_prompt_and_normalises_by_its_own_tokens
     valid = torch.tensor([s.teacher_valid for s in samples])
     mask = (torch.arange(7) < lengths[:, None]) & valid[:, None]
     zeros = torch.zeros(5, 7)
-    loss, _ = mode.loss(MicroBatch(logits, zeros, mask, zeros, zeros, None, teacher, mode.denominator(samples), None, 1.0))
+    top = teacher_topk(teacher, 4)  # what the teacher pass keeps: 4 log-probs + a tail per token
+    loss, _ = mode.loss(MicroBatch(logits, zeros, mask, zeros, zeros, None, None, top, mode.denominator(samples), None, 1.0))
     div = sdpo_token_divergence(logits, teacher, topk=4)
     assert math.isclose(loss.item(), div[mask].sum().item() / 13, rel_tol=1e-6)
+    full, _ = make_loss_mode(AlgorithmConfig(loss_mode="sdpo", distill_topk=0)).loss(
+        MicroBatch(logits, zeros, mask, zeros, zeros, None, teacher, None, 13.0, None, 1.0))  # the whole vocabulary
+    assert math.isclose(full.item(), sdpo_token_divergence(logits, teacher, topk=16)[mask].sum().item() / 13, rel_tol=1e-6)
 
 
 def test_fault_injection_only_where_asked():

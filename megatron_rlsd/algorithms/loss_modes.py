@@ -22,6 +22,11 @@ Modes (arXiv 2604.03128, Sec. 5 and Table 2):
 * ``grpo_opsd``: ``L_grpo + alpha * L_opsd``.
 * ``sdpo``: the privileged context is a successful sibling rollout; top-k + tail JSD; samples
   without one are left out of the loss.
+
+The distillation modes compare distributions over the teacher's top-k tokens plus a tail bucket
+(`algorithm.distill_topk`, SDPO's default 100): that is what the teacher pass keeps per token, so
+the whole batch's vocabulary is never stored; `distill_topk: 0` keeps the teacher's full logits
+(exact, for small vocabularies).
 """
 
 from __future__ import annotations
@@ -31,7 +36,14 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_rlsd.algorithms.losses import aggregate, opsd_token_divergence, policy_loss, sdpo_token_divergence, truncated_is_weights
+from megatron_rlsd.algorithms.losses import (
+    TeacherTopk,
+    aggregate,
+    opsd_token_divergence,
+    policy_loss,
+    topk_divergence,
+    truncated_is_weights,
+)
 from megatron_rlsd.algorithms.rlsd import LambdaSchedule, rlsd_clip_fractions, rlsd_token_advantages
 from megatron_rlsd.data.templates import user_message
 
@@ -49,7 +61,8 @@ class MicroBatch:
     old_logp: torch.Tensor  # [b, R] behaviour policy (detached)
     rollout_logp: torch.Tensor  # [b, R] the rollout engine's log-probs
     credit: torch.Tensor | None  # [b, R] token advantages (None: no surrogate)
-    teacher_logits: torch.Tensor | None  # [b, R, V / tp] (modes with teacher_logits)
+    teacher_logits: torch.Tensor | None  # [b, R, V / tp]: the teacher's distribution (algorithm.distill_topk=0)
+    teacher_topk: TeacherTopk | None  # or its top-k + tail (modes with teacher_logits)
     denominator: float  # global count of loss tokens (or sequences), over all DP ranks
     tp_group: object
     temperature: float
@@ -104,11 +117,19 @@ class LossMode:
             metrics["tis_weight"] = torch.where(mb.mask, tis, 0.0).sum() / mb.mask.sum().clamp(min=1)
         return loss, metrics
 
+    def _distillation(self, mb: MicroBatch, divergence: str, beta: float) -> torch.Tensor:
+        """D(P_T || P_S) per token, aggregated: over the teacher's top-k + tail, or the whole
+        vocabulary when the teacher's logits were kept (algorithm.distill_topk=0)."""
+        if mb.teacher_topk is not None:
+            beta = {"jsd": beta, "forward_kl": 0.0, "reverse_kl": 1.0}[divergence]
+            div = topk_divergence(mb.logits, mb.teacher_topk, beta=beta, tp_group=mb.tp_group, temperature=mb.temperature)
+        else:
+            div = opsd_token_divergence(mb.logits, mb.teacher_logits, divergence=divergence, beta=beta,
+                                        tp_group=mb.tp_group, temperature=mb.temperature)  # fmt: skip
+        return aggregate(div, mb.mask, self.cfg.loss_agg, mb.denominator)
+
     def _opsd(self, mb: MicroBatch) -> torch.Tensor:
-        a = self.cfg
-        div = opsd_token_divergence(mb.logits, mb.teacher_logits, divergence=a.opsd_divergence, beta=a.opsd_beta,
-                                    tp_group=mb.tp_group, temperature=mb.temperature)  # fmt: skip
-        return aggregate(div, mb.mask, a.loss_agg, mb.denominator)
+        return self._distillation(mb, self.cfg.opsd_divergence, self.cfg.opsd_beta)
 
 
 class Rlsd(LossMode):
@@ -181,10 +202,7 @@ class Sdpo(LossMode):
         return None, {}
 
     def loss(self, mb):
-        a = self.cfg
-        div = sdpo_token_divergence(mb.logits, mb.teacher_logits, topk=a.sdpo_topk, beta=a.opsd_beta,
-                                    tp_group=mb.tp_group, temperature=mb.temperature)  # fmt: skip
-        return aggregate(div, mb.mask, a.loss_agg, mb.denominator), {}
+        return self._distillation(mb, "jsd", self.cfg.opsd_beta), {}
 
 
 LOSS_MODES: dict[str, type[LossMode]] = {m.name: m for m in (Rlsd, LossMode, Opsd, GrpoOpsd, Sdpo)}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -34,6 +35,9 @@ __all__ = [
     "truncated_is_weights",
     "opsd_token_divergence",
     "sdpo_token_divergence",
+    "TeacherTopk",
+    "teacher_topk",
+    "topk_divergence",
 ]
 
 AGG_MODES = ("token_mean", "seq_mean_token_mean")
@@ -314,72 +318,83 @@ def _generalized_jsd_small(lt: torch.Tensor, ls: torch.Tensor, beta: float) -> t
     return beta * kl_t + (1.0 - beta) * kl_s
 
 
-def sdpo_token_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    *,
-    topk: int = 100,
-    beta: float = 0.5,
-    tp_group=None,
-    temperature: float = 1.0,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """Per-token top-k + tail-bucket generalized JSD (SDPO, lasgroup/SDPO).
+@dataclass
+class TeacherTopk:
+    """The teacher's distribution reduced to its top-k tokens and a tail bucket, per token: what
+    the distillation losses keep from the teacher pass (k log-probs instead of the vocabulary)."""
 
-    The categories are the student's global top-``k`` tokens plus one tail
-    bucket holding the remaining mass::
+    ids: torch.Tensor  # [..., k] int64 GLOBAL token ids (the same on every TP rank)
+    logp: torch.Tensor  # [..., k] fp32 log P_T(id)
+    tail: torch.Tensor | None  # [...] fp32 log P_T(everything else); None when k covers the vocabulary
 
-        S = top-k ids of the student logits (global over the TP group)
-        p_j = P(j) for j in S,  p_tail = 1 - sum_{j in S} P(j)     (for P_T and P_S)
-        D = JSD_beta(P_T || P_S) over these k + 1 categories
+    def select(self, rows, width: int) -> TeacherTopk:
+        """Rows `rows` ([b] index) of the first `width` positions (a micro-batch's slice)."""
+        pick = lambda t: None if t is None else t[rows][:, :width]  # noqa: E731
+        return TeacherTopk(pick(self.ids), pick(self.logp), pick(self.tail))
 
-    with the TRL / SDPO convention ``beta * KL(T||M) + (1-beta) * KL(S||M)``,
-    ``M = beta T + (1-beta) S`` (beta 0: forward KL ``KL(T||S)``, 1: reverse KL).
 
-    Vocab-parallel, without gathering the vocabulary: each rank takes its
-    local top-k, the candidates are all-gathered and the global top-k chosen
-    (identically on every rank); then one chunked pass per distribution gives
-    the log-normaliser, the logits at the ids (each rank contributes the ids in
-    its shard, sum all-reduce) and the tail mass.  The tail mass is summed
-    directly over the tokens outside the top-k, which equals ``1 - sum_k p``
-    but keeps full fp32 relative accuracy when the tail is small (SDPO's
-    ``log(1 - exp(logsumexp))`` loses it to cancellation, e.g. 3e-4 nats on a
-    forward KL in the tests).  As SDPO's clamp of the top-k log-mass at
-    ``-1e-7``, the tail log-probability is floored at ``log(1 - exp(-1e-7))``
-    (~ -16.1) so that a tail that underflows cannot blow up the divergence.
-    If ``topk`` is at least the vocabulary size the whole vocabulary is used
-    and no tail bucket is added (its mass is 0): the full-vocabulary JSD.
+def teacher_topk(teacher_logits: torch.Tensor, topk: int, *, tp_group=None, temperature: float = 1.0,
+                 chunk_size: int | None = None) -> TeacherTopk:  # fmt: skip
+    """The teacher's global top-``topk`` tokens per position and their log-probabilities under
+    ``softmax(logits / T)``, plus the log-probability of the tail (every other token, its mass
+    summed directly so a small tail keeps fp32 relative accuracy). Vocab-parallel: local top-k,
+    candidates all-gathered, the same global ids on every TP rank; one chunked pass."""
+    _check_logits_tensor("teacher_logits", teacher_logits)
+    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
+        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+    temperature = _check_temperature(temperature)
+    world, rank = _group_info(tp_group)
+    k = min(int(topk), teacher_logits.shape[-1] * world)
+    want_tail = k < teacher_logits.shape[-1] * world
+    with torch.no_grad():
+        ids = global_topk_ids(teacher_logits, k, tp_group, world, rank)
+        logp, tail = vocab_parallel_topk_tail_logprobs(teacher_logits.detach(), ids, tp_group, temperature,
+                                                       _check_chunk_size(chunk_size), want_tail)  # fmt: skip
+    return TeacherTopk(ids.to(torch.int32), logp, tail)  # int32 ids: half the memory of the kept signal
 
-    Gradient flows through the student logits only (top-k log-probs and
-    tail); the id selection is not differentiated.
+
+def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopk, *, beta: float = 0.5, tp_group=None,
+                    temperature: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+    """Per-token generalized JSD between teacher and student over the teacher's top-k tokens plus
+    one tail bucket (``k + 1`` categories; SDPO's top-k + tail distillation, arXiv 2601.20802)::
+
+        D = beta * KL(T || M) + (1 - beta) * KL(S || M),  M = beta T + (1 - beta) S
+
+    (TRL / SDPO convention; beta 0: forward KL ``KL(T || S)``, 1: reverse KL ``KL(S || T)``). The
+    student's log-probs at the teacher's ids and its tail come from one vocab-parallel pass over
+    its logits (no vocabulary gather); as SDPO clamps the top-k log-mass at ``-1e-7``, both tail
+    log-probabilities are floored at ``log(1 - exp(-1e-7))`` (~ -16.1). When k covers the whole
+    vocabulary there is no tail: the full-vocabulary divergence. Gradient flows into the student
+    logits only.
 
     Returns:
         ``[...]`` fp32 per-token divergence in nats, replicated on all TP ranks.
     """
-    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1 or t.shape[-1] == 0:
-            raise ValueError(f"{name} must be a floating point tensor [..., V_local] with V_local > 0")
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student_logits shape {tuple(student_logits.shape)} != teacher_logits shape "
-            f"{tuple(teacher_logits.shape)}"
-        )
-    if isinstance(topk, bool) or not isinstance(topk, numbers.Integral) or topk < 1:
-        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
+    _check_logits_tensor("student_logits", student_logits)
+    if tuple(teacher.ids.shape[:-1]) != tuple(student_logits.shape[:-1]):
+        raise ValueError(f"teacher top-k shape {tuple(teacher.ids.shape)} does not match student logits {tuple(student_logits.shape)}")
     beta = _check_beta(beta)
-    temperature = _check_temperature(temperature)
-    chunk_size = _check_chunk_size(chunk_size)
-
-    world, rank = _group_info(tp_group)
-    teacher = teacher_logits.detach()
-    vocab = student_logits.shape[-1] * world
-    k = min(int(topk), vocab)
-    want_tail = k < vocab
-
-    ids = global_topk_ids(student_logits, k, tp_group, world, rank)
-    ls, ls_tail = vocab_parallel_topk_tail_logprobs(student_logits, ids, tp_group, temperature, chunk_size, want_tail)
-    lt, lt_tail = vocab_parallel_topk_tail_logprobs(teacher, ids, tp_group, temperature, chunk_size, want_tail)
+    want_tail = teacher.tail is not None
+    ls, ls_tail = vocab_parallel_topk_tail_logprobs(student_logits, teacher.ids, tp_group, _check_temperature(temperature),
+                                                    _check_chunk_size(chunk_size), want_tail)  # fmt: skip
+    lt = teacher.logp.float()
     if want_tail:
         ls = torch.cat([ls, ls_tail.clamp(min=_TAIL_FLOOR).unsqueeze(-1)], dim=-1)
-        lt = torch.cat([lt, lt_tail.clamp(min=_TAIL_FLOOR).unsqueeze(-1)], dim=-1)
+        lt = torch.cat([lt, teacher.tail.float().clamp(min=_TAIL_FLOOR).unsqueeze(-1)], dim=-1)
     return _generalized_jsd_small(lt, ls, beta)
+
+
+def sdpo_token_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, topk: int = 100, beta: float = 0.5,
+                          tp_group=None, temperature: float = 1.0, chunk_size: int | None = None) -> torch.Tensor:  # fmt: skip
+    """:func:`topk_divergence` over the teacher's top-``topk`` tokens of ``teacher_logits`` (the
+    teacher's signal computed on the spot; the trainer keeps only :func:`teacher_topk`)."""
+    _check_logits_tensor("teacher_logits", teacher_logits)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits shape {tuple(student_logits.shape)} != teacher_logits shape {tuple(teacher_logits.shape)}")
+    signal = teacher_topk(teacher_logits, topk, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size)
+    return topk_divergence(student_logits, signal, beta=beta, tp_group=tp_group, temperature=temperature, chunk_size=chunk_size)
+
+
+def _check_logits_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1 or t.shape[-1] == 0:
+        raise ValueError(f"{name} must be a floating point tensor [..., V_local] with V_local > 0")

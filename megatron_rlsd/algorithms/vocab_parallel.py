@@ -616,7 +616,7 @@ class _TopkTailFn(torch.autograd.Function):
         x = _rows(logits)
         n, v_local = x.shape
         k = ids.shape[-1]
-        idr = ids.reshape(n, k)
+        idr = ids.reshape(n, k).long()  # ids may be stored compactly (int32)
         dev = x.device
         shift = torch.empty(n, dtype=torch.float32, device=dev)
         log_s = torch.empty(n, dtype=torch.float32, device=dev)

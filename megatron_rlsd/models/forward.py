@@ -40,18 +40,15 @@ def model_inputs(mb: dict) -> tuple[tuple, dict]:
     return (tokens, position_ids, None), {k: mb[k] for k in VISION_INPUTS if mb.get(k) is not None}
 
 
-def _check_shapes(micro_batches: list[dict]) -> tuple[int, int]:
-    b, seq = micro_batches[0]["tokens"].shape
-    for mb in micro_batches:
-        if tuple(mb["tokens"].shape) != (b, seq):
-            raise ValueError("all micro-batches of one pass must share one shape (pipeline messages have one size)")
-    return b, seq
-
-
 def _run(model, micro_batches, step, forward_only: bool) -> list:
+    """Megatron's schedule over `micro_batches`. Micro-batches may differ in shape (each is padded
+    to its own longest row): pipeline stages then exchange each message's shape first."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
-    b, seq = _check_shapes(micro_batches)
+    shapes = {tuple(mb["tokens"].shape) for mb in micro_batches}
+    get_model_config(model[0] if isinstance(model, list) else model).variable_seq_lengths = len(shapes) > 1
+    b, seq = max(b for b, _ in shapes), max(s for _, s in shapes)
     return get_forward_backward_func()(
         forward_step_func=step, data_iterator=iter(micro_batches), model=model, num_microbatches=len(micro_batches),
         seq_length=seq, micro_batch_size=b, forward_only=forward_only, collect_non_loss_data=forward_only,
@@ -59,8 +56,8 @@ def _run(model, micro_batches, step, forward_only: bool) -> list:
 
 
 def forward_only(model: torch.nn.Module, micro_batches: list[dict], compute: Callable[[torch.Tensor, dict], Any]) -> list[Any]:
-    """Run `micro_batches` (dicts with "tokens" [b, T] int64, equal shapes) through the pipeline
-    without gradients.
+    """Run `micro_batches` (dicts with "tokens" [b, T] int64) through the pipeline without
+    gradients.
 
     On the last pipeline stage, `compute(logits, micro_batch)` is called once per micro-batch
     with the vocab-parallel logits [b, T, V/tp] and the micro-batch on the model's device; its

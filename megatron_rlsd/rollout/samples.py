@@ -48,17 +48,11 @@ class PackedBatch:
     mask: torch.Tensor
     vision: list[VisionInput | None] = field(default_factory=list)  # per row
 
-    def micro_batches(self, size: int, **extra: torch.Tensor) -> list[dict]:
-        """Split along the batch into dicts of tensors (extra [B, ...] tensors split alongside);
-        rows with images add `pixel_values` / `image_grid_thw` for the model."""
-        out = []
-        for start in range(0, self.tokens.shape[0], size):
-            sl = slice(start, start + size)
-            mb = {"tokens": self.tokens[sl], "resp_pos": self.resp_pos[sl], "resp_ids": self.resp_ids[sl], "mask": self.mask[sl]}
-            mb.update({k: v[sl] for k, v in extra.items()})
-            mb.update(VisionInput.concat(self.vision[sl]))
-            out.append(mb)
-        return out
+    def as_micro_batch(self) -> dict:
+        """The model's and the loss's inputs (rows with images add `pixel_values`,
+        `image_grid_thw`, `images_per_row`)."""
+        mb = {"tokens": self.tokens, "resp_pos": self.resp_pos, "resp_ids": self.resp_ids, "mask": self.mask}
+        return mb | VisionInput.concat(self.vision)
 
 
 def pack(samples: list[Sample], teacher: bool, pad_id: int) -> PackedBatch:
@@ -80,6 +74,59 @@ def pack(samples: list[Sample], teacher: bool, pad_id: int) -> PackedBatch:
         resp_ids[i, :n] = torch.tensor(s.response)
         mask[i, :n] = True
     return PackedBatch(tokens, resp_pos, resp_ids, mask, [s.vision for s in samples])
+
+
+def plan_micro_batches(lengths: list[int], max_rows: int, max_tokens: int = 0) -> list[list[int]]:
+    """Row indices of each micro-batch.
+
+    `max_tokens` 0: consecutive groups of `max_rows` rows. Otherwise a token budget: rows sorted
+    longest first and grouped greedily so that (rows x the group's longest row) <= max_tokens and
+    rows <= max_rows; each micro-batch is then padded only to its own longest row. A row longer
+    than the budget gets a micro-batch of its own."""
+    n = len(lengths)
+    if max_tokens <= 0:
+        return [list(range(i, min(i + max_rows, n))) for i in range(0, n, max_rows)]
+    groups, current = [], []
+    for i in sorted(range(n), key=lambda j: -lengths[j]):
+        if current and (len(current) >= max_rows or (len(current) + 1) * lengths[current[0]] > max_tokens):
+            groups.append(current)
+            current = []
+        current.append(i)
+    return groups + ([current] if current else [])
+
+
+def micro_batches(samples: list[Sample], groups: list[list[int]], *, teacher: bool, pad_id: int,
+                  extra: dict[str, torch.Tensor] | None = None) -> list[dict]:  # fmt: skip
+    """One packed micro-batch per group of sample indices (`plan_micro_batches`), with `extra`
+    tensors of the whole batch picked alongside: [B] per row, or [B, R, ...] per response token
+    (cut to the micro-batch's response width). `rows` records which samples a micro-batch holds."""
+    out = []
+    for idx in groups:
+        packed = pack([samples[i] for i in idx], teacher, pad_id)
+        mb = packed.as_micro_batch() | {"rows": torch.tensor(idx)}
+        width = packed.mask.shape[1]
+        for k, v in (extra or {}).items():
+            picked = v[torch.tensor(idx, device=v.device)]
+            mb[k] = picked[:, :width] if picked.dim() >= 2 else picked
+        out.append(mb)
+    return out
+
+
+def gather_rows(parts: list[torch.Tensor], groups: list[list[int]], n_rows: int) -> torch.Tensor:
+    """Per-micro-batch results [b_i, r_i, ...] back in sample order: [n_rows, max r_i, ...], zero
+    where a row's response ended."""
+    width = max(p.shape[1] for p in parts)
+    first = parts[0]
+    out = torch.zeros((n_rows, width, *first.shape[2:]), dtype=first.dtype, device=first.device)
+    for part, idx in zip(parts, groups):
+        out[torch.tensor(idx, device=first.device), : part.shape[1]] = part
+    return out
+
+
+def padding_efficiency(samples: list[Sample], groups: list[list[int]], teacher: bool = False) -> tuple[int, int]:
+    """(useful tokens, computed tokens) of packing `samples` into `groups`."""
+    lengths = [len(s.teacher_prompt if teacher else s.student_prompt) + len(s.response) for s in samples]
+    return sum(lengths), sum(len(g) * max(lengths[i] for i in g) for g in groups)
 
 
 def response_logits(logits: torch.Tensor, resp_pos: torch.Tensor) -> torch.Tensor:

@@ -45,21 +45,19 @@ def main(report_path, hf_dir, data, out):
     report = {}
     platform = None
     for mode in MODES:
-        cfg = config(hf_dir, data, out, 1, 1, f"algorithm.loss_mode={mode}", "rollout.truncated_is_cap=2.0")
+        cfg = config(hf_dir, data, out, 1, 1, f"algorithm.loss_mode={mode}", "rollout.truncated_is_cap=2.0",
+                     "trainer.max_tokens_per_microbatch=64")  # fmt: skip
         platform = platform or init_distributed(cfg.parallel)
         components = build(cfg, platform, with_engine=False)
         to_meta(components.model.module)  # the policy (and, cloned from it, the teacher) on another device
         trainer = Trainer(cfg, components)
         samples = fixed_batch(trainer)
         batch, acc = trainer.local_batch(samples), Accumulator()
-        student = trainer.score_student(batch, acc)
-        teacher = trainer.score_teacher(batch, student, acc)
-        credit = trainer.token_credit(batch, student, teacher, acc)
-        micro_batches, loss_fn = trainer.update_inputs(batch, samples, student, teacher, credit)
-        losses = forward_only(trainer.c.model, micro_batches, loss_fn)  # the update's forward and loss
-        tensors = [student["logp"], student["mask"], *(acc.sums | acc.maxima).values()]
-        tensors += [v for pair in acc.weighted.values() for v in pair if torch.is_tensor(v)]
-        tensors += [t for t in (teacher or {}).values()] + ([credit] if credit is not None else [])
+        student = trainer.score_student(batch)  # the separate pass of several mini-batches per step
+        teacher = trainer.score_teacher(batch)
+        micro_batches, loss_fn = trainer.update_inputs(batch, trainer.mode.denominator(samples), None, teacher, acc)
+        losses = forward_only(trainer.c.model, micro_batches, loss_fn)  # the update's forward, credit and loss
+        tensors = [*student.values(), *(teacher or {}).values()]
         tensors += [loss for loss, _ in losses] + [v for _, report_ in losses for v in report_.values()]
         report[mode] = {"devices": sorted({str(t.device) for t in tensors}), "n_tensors": len(tensors),
                         "micro_batch_devices": sorted({str(v.device) for mb in micro_batches for v in mb.values()

@@ -26,7 +26,8 @@ from megatron.core import parallel_state as ps  # noqa: E402
 from megatron_rlsd.build import build  # noqa: E402
 from megatron_rlsd.config import load_config  # noqa: E402
 from megatron_rlsd.metrics import Accumulator  # noqa: E402
-from megatron_rlsd.parallel import init_distributed  # noqa: E402
+from megatron_rlsd.optimizer import update  # noqa: E402
+from megatron_rlsd.parallel import all_reduce_scalar, init_distributed  # noqa: E402
 from megatron_rlsd.rollout.samples import Sample  # noqa: E402
 from megatron_rlsd.trainer import Trainer  # noqa: E402
 from megatron_rlsd.warm_start import warm_start  # noqa: E402
@@ -76,11 +77,26 @@ def fixed_batch(trainer, n_prompts=4):
 def one_step(trainer, samples) -> dict:
     acc = Accumulator()
     batch = trainer.local_batch(samples)
-    student = trainer.score_student(batch, acc)
-    teacher = trainer.score_teacher(batch, student, acc)
-    credit = trainer.token_credit(batch, student, teacher, acc)
-    update = trainer.policy_update(batch, samples, student, teacher, credit, acc)
+    teacher = trainer.score_teacher(batch)
+    update = trainer.policy_update(batch, samples, teacher, acc)
     return {k: v for k, v in (acc.reduce() | update).items() if k in KEYS}
+
+
+def gradients_of_one_update(trainer, samples, separate_student_pass: bool) -> list[torch.Tensor]:
+    """The (clipped) gradients of one optimizer step through the trainer's own update; the old
+    log-probs either from a separate student pass or (the default with one step per batch) from
+    the update's own forward."""
+    batch = trainer.local_batch(samples)
+    teacher = trainer.score_teacher(batch)
+    old = trainer.score_student(batch) if separate_student_pass else None
+    micro_batches, loss_fn = trainer.update_inputs(batch, trainer.mode.denominator(samples), old, teacher, Accumulator())
+    update(trainer.c.model, trainer.c.optimizer, micro_batches, loss_fn)
+    return [p.main_grad.detach().clone() for p in trainer.module.parameters()]
+
+
+def max_diff(a, b) -> float:
+    diff = max(float((x - y).abs().max()) for x, y in zip(a, b))
+    return all_reduce_scalar(diff, op=dist.ReduceOp.MAX)
 
 
 def count_calls(optimizer, names=("prepare_grads", "get_grad_norm", "step_with_ready_grads", "step")) -> dict:
@@ -116,6 +132,26 @@ def main(report_path, hf_dir, data, out):
             per_mode[mode] = one_step(trainer, fixed_batch(trainer))
         report["layouts"][f"tp{tp}pp{pp}"] = per_mode
         report.setdefault("optimizer_calls", calls)  # of the last update (one per layout alike)
+
+    # at TP2PP2: what must change nothing numerically
+    variants = {"fused": ([], False), "separate_student_pass": ([], True),
+                "token_budget": (["trainer.max_tokens_per_microbatch=80", "trainer.micro_batch_size=16"], False),
+                "one_micro_batch": (["trainer.micro_batch_size=16"], False),
+                "teacher_on_host": (["offload.teacher=true", "offload.grads=true", "offload.optimizer=true"], False)}  # fmt: skip
+    after = {}
+    for name, (overrides, separate) in variants.items():
+        cfg = config(hf_dir, data, out, 2, 2, *overrides)
+        trainer = Trainer(cfg, build(cfg, platform, with_engine=False))
+        samples = fixed_batch(trainer)
+        if name == "token_budget":
+            groups = trainer._groups(trainer.local_batch(samples), teacher=False)
+            report["token_budget_groups"] = [len(g) for g in groups]
+        after[name] = gradients_of_one_update(trainer, samples, separate)
+    report["equivalence"] = {name: max_diff(g, after["fused"]) for name, g in after.items()}
+    report["gradient_size"] = max_diff(after["fused"], [torch.zeros_like(g) for g in after["fused"]])
+    cfg = config(hf_dir, data, out, 2, 2, "trainer.mini_batches_per_step=2")
+    trainer = Trainer(cfg, build(cfg, platform, with_engine=False))
+    report["two_mini_batches"] = one_step(trainer, fixed_batch(trainer))
 
     # warm start in bf16 with the one optimizer: the RL step that follows starts from the
     # warmed-up weights (an lr-0 step leaves them exactly as they are)
