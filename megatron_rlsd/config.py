@@ -75,7 +75,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 4096
     vllm_tensor_parallel_size: int = 1
-    """Ranks per vLLM engine. Only 1 is implemented (one engine per rank)."""
+    """Ranks per vLLM engine (its tensor parallelism): engines span this many consecutive ranks,
+    which send them identical requests. Must divide the world size."""
     kv_cache_mb: int = 256
     """CPU only: KV cache size per engine."""
     gpu_memory_utilization: float = 0.5
@@ -332,11 +333,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
-    if r.vllm_tensor_parallel_size != 1:
-        raise ConfigError(
-            f"rollout.vllm_tensor_parallel_size={r.vllm_tensor_parallel_size} is not implemented: engines are one per "
-            "rank (an engine spanning several ranks needs the same requests on all of them); set it to 1"
-        )
+    if r.vllm_tensor_parallel_size < 1:
+        raise ConfigError(f"rollout.vllm_tensor_parallel_size must be >= 1, got {r.vllm_tensor_parallel_size}")
     if not 0 < a.eps_w < 1:
         raise ConfigError(f"algorithm.eps_w must be in (0, 1), got {a.eps_w}")
     if not 0 <= a.lambda_init <= 1:
@@ -409,6 +407,9 @@ def check_model_fits(cfg: Config, world_size: int) -> None:
             shape.check_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if world_size % cfg.rollout.vllm_tensor_parallel_size:
+        raise ConfigError(f"rollout.vllm_tensor_parallel_size={cfg.rollout.vllm_tensor_parallel_size} does not divide the "
+                          f"world size {world_size}: engines span that many consecutive ranks")  # fmt: skip
     if cfg.trainer.prompts_per_step * cfg.rollout.group_size % par.data_parallel_size(world_size):
         raise ConfigError(
             f"trainer.prompts_per_step * rollout.group_size = {cfg.trainer.prompts_per_step * cfg.rollout.group_size} "

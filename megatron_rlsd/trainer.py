@@ -192,9 +192,11 @@ class Trainer:
         return [self.c.rows[i] for i in self.sampler.next_indices(self.cfg.trainer.prompts_per_step)]
 
     def generate_rollouts(self, rows) -> tuple[list[Sample], list[int]]:
-        """Every rank generates an equal share of the G samples per prompt, with per-sample
-        seeds (reproducible wherever a sample is generated). Returns all samples, of which this
-        rank filled the ones at the returned indices."""
+        """Every engine generates an equal share of the G samples per prompt, with per-sample
+        seeds (reproducible wherever a sample is generated). An engine spans
+        rollout.vllm_tensor_parallel_size consecutive ranks, which all send it the same requests
+        and all receive the results. Returns all samples, and the indices of those this rank
+        reports (one rank per engine: the group's first)."""
         c, r, g = self.c, self.cfg.rollout, self.cfg.rollout.group_size
         samples, decoded = [], []
         for gi, row in enumerate(rows):
@@ -204,7 +206,9 @@ class Trainer:
             sp, vision = c.encoder.encode(c.templates.student_messages(row), decoded[gi])
             tp = c.encoder.encode(c.templates.teacher_messages(row), decoded[gi])[0] if self.mode.teacher_pass else []
             samples += [Sample(row=row, group=gi, student_prompt=sp, teacher_prompt=tp, vision=vision) for _ in range(g)]
-        mine = np.array_split(np.arange(len(samples)), dist.get_world_size())[dist.get_rank()].tolist()
+        per_engine = r.vllm_tensor_parallel_size
+        engine, leader = divmod(dist.get_rank(), per_engine)
+        mine = np.array_split(np.arange(len(samples)), dist.get_world_size() // per_engine)[engine].tolist()
         seeds = [hash((self.cfg.trainer.seed, self.step, i)) % (2**31) for i in mine]
         images = [decoded[samples[i].group] for i in mine] if any(decoded) else None
         gens = c.engine.generate(
@@ -212,6 +216,8 @@ class Trainer:
             max_new_tokens=r.max_new_tokens, stop_token_ids=[c.tokenizer.eos_token_id], images=images,
         )  # fmt: skip
         c.engine.sleep()  # GPU: hand the engine's memory to training until the next sync
+        if leader:  # the engine's other ranks got the same results; its first rank reports them
+            return samples, []
         for i, gen in zip(mine, gens):
             s = samples[i]
             s.response, s.rollout_logprobs, s.finish_reason = gen.response_ids, gen.logprobs, gen.finish_reason
