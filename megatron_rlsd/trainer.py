@@ -13,8 +13,9 @@ ones: they come, detached, from the update's own forward, and RLSD costs GRPO pl
 forward, the teacher's. A separate student pass (score_student) runs only for several
 mini-batches per step (PPO-style), where the policy moves between them.
 
-Every rank runs the same code. Rollouts are spread over all ranks (each hosts an engine) and
-gathered; each data-parallel rank then trains on its slice of the global batch. What the loss
+Every rank runs the same code. Rollouts are spread over the engines (each spans
+rollout.vllm_tensor_parallel_size ranks) and gathered; each data-parallel rank then trains on its
+slice of the global batch. What the loss
 mode needs (teacher pass, teacher distribution, token credit, loss) it says itself
 (algorithms/loss_modes.py); building, checkpoints and metrics are components the trainer is given
 or owns (build.py, checkpointer.py, metrics.py).
@@ -40,10 +41,10 @@ from megatron_rlsd.data.vision import load_image
 from megatron_rlsd.fault_injection import FaultInjector
 from megatron_rlsd.metrics import Accumulator, MetricsLogger, StageTimer
 from megatron_rlsd.models.forward import forward_only
+from megatron_rlsd.offload import Offloader
 from megatron_rlsd.optimizer import update
 from megatron_rlsd.parallel import all_reduce_scalar
 from megatron_rlsd.rewards import score_response
-from megatron_rlsd.offload import Offloader
 from megatron_rlsd.rollout.samples import (
     Sample,
     gather_rows,

@@ -40,16 +40,33 @@ def megatron_logprobs(model, seqs):
     return next(g for g in gathered if g is not None)
 
 
-def sync(model, shape, engine, bucket_mb):
-    """One update_weights; returns how many buckets it consumed."""
-    counted = [0]
+def sync(model, shape, engine, bucket_mb, held=None):
+    """One update_weights; returns how many buckets it consumed. `held`: a list that receives, for
+    every bucket, the bytes of full tensors this rank gathered for it (since the previous bucket
+    was handed over): what a sync holds beyond the model's own shards."""
+    from megatron_rlsd.rollout import weight_sync
+
+    counted, gathered = [0], [0]
+    original = weight_sync._gather_tp
+
+    def counting_gather(param, canonical, mapping, tp_group):
+        full = original(param, canonical, mapping, tp_group)
+        gathered[0] += full.numel() * full.element_size()
+        return full
 
     def counting(buckets):
         for b in buckets:
             counted[0] += 1
+            if held is not None:  # (gathered for this bucket and the next layer, this bucket's bytes)
+                held.append((gathered[0], sum(t.numel() * t.element_size() for _, t in b)))
+            gathered[0] = 0
             yield b
 
-    engine.update_weights(counting(iter_hf_buckets(model, shape, bucket_mb << 20)))
+    weight_sync._gather_tp = counting_gather
+    try:
+        engine.update_weights(counting(iter_hf_buckets(model, shape, bucket_mb << 20)))
+    finally:
+        weight_sync._gather_tp = original
     return counted[0]
 
 
@@ -73,7 +90,17 @@ def main(ckpt_root, report_path, vllm_log):
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     before = torch.tensor(engine.score(seqs.tolist()))
-    report["buckets"] = sync(model, shape, engine, bucket_mb=0)  # 0 MB: one layer per bucket
+    held = []
+    report["buckets"] = sync(model, shape, engine, bucket_mb=0, held=held)  # 0 MB: one layer per bucket
+    layers = {}  # full bytes of each layer group of this rank's stage (the largest bounds a sync)
+    from megatron_rlsd.checkpoint.hf_mapping import layer_group_key
+
+    for name, prm in model.named_parameters():
+        layers[layer_group_key(name)] = layers.get(layer_group_key(name), 0) + prm.numel() * prm.element_size() * 2
+    held_all = [None] * dist.get_world_size()
+    dist.all_gather_object(held_all, {"max_held": max(g for g, _ in held), "largest_bucket": max(b for _, b in held),
+                                      "largest_layer": max(layers.values()), "stage_bytes": sum(layers.values())})  # fmt: skip
+    report["sync_memory_per_rank"] = held_all
     ref = megatron_logprobs(model, seqs)
     after = torch.tensor(engine.score(seqs.tolist()))
     report["stale_diff"] = (before - ref).abs().max().item()
