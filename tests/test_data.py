@@ -32,7 +32,7 @@ def write_lines(path, lines):
 # --------------------------------------------------------------------------- loading
 
 
-def test_jsonl_every_skip_reason_is_counted_and_logged(tmp_path, caplog):
+def test_jsonl_every_skip_reason_is_returned_with_its_rows(tmp_path, caplog):
     lines = [
         json.dumps({"id": "good-1", "problem": "What is 1 + 1?", "answer": "2"}),
         json.dumps({"problem": "No id here", "answer": 7}),  # int answer -> "7", default id
@@ -48,29 +48,27 @@ def test_jsonl_every_skip_reason_is_counted_and_logged(tmp_path, caplog):
         json.dumps({"id": "list-answer", "problem": "p", "answer": [1]}),
         json.dumps({"id": "long", "problem": "x" * 50, "answer": "1"}),
         json.dumps({"id": "bad-images", "problem": "p", "answer": "1", "images": [3]}),
+        json.dumps({"problem": "p", "answer": "  "}),  # no id of its own: labelled <stem>:<line>
     ]
     path = write_lines(tmp_path / "mix.jsonl", lines)
-    with caplog.at_level(logging.WARNING, logger="megatron_rlsd.data.dataset"):
+    with caplog.at_level(logging.DEBUG, logger="megatron_rlsd.data.dataset"):
         rows, skipped = load_prompt_rows(path, max_problem_chars=40)
     assert [r.id for r in rows] == ["good-1", "mix:2", "5"]
     assert rows[1].answer == "7" and rows[2].answer == "2.5"
     assert rows[2].images == [str(tmp_path / "img" / "a.png")]
     assert rows[0].images == []
+    # Every skipped row, per reason, in file order; line numbers are 1-based, blank lines included.
     assert skipped == {
-        "bad_json": 1,
-        "not_an_object": 1,
-        "missing_problem": 2,
-        "bad_problem": 1,
-        "missing_answer": 1,
-        "bad_answer": 2,
-        "too_long": 1,
-        "bad_images": 1,
+        "bad_json": ["mix:5"],
+        "not_an_object": ["mix:6"],
+        "missing_problem": ["np (line 7)", "blank-problem (line 8)"],
+        "bad_problem": ["bad-problem (line 9)"],
+        "missing_answer": ["na (line 10)", "mix:15"],
+        "bad_answer": ["bool-answer (line 11)", "list-answer (line 12)"],
+        "too_long": ["long (line 13)"],
+        "bad_images": ["bad-images (line 14)"],
     }
-    log = caplog.text
-    assert "line mix:5: bad_json" in log  # line numbers are 1-based, blank lines included
-    for row_id in ("np", "blank-problem", "bad-problem", "na", "bool-answer", "list-answer", "long", "bad-images"):
-        assert row_id in log
-    assert "skipped 10" in log
+    assert caplog.records == []  # the caller reports
 
 
 def test_parquet_and_column_mapping(tmp_path):
@@ -90,7 +88,7 @@ def test_parquet_and_column_mapping(tmp_path):
         PromptRow(id="a", problem="What is 2 + 2?", answer="4", images=["/abs/x.png"]),
         PromptRow(id="set:1", problem="What is 3 + 3?", answer="6", images=[]),  # 0-based row index
     ]
-    assert skipped == {"missing_problem": 1, "missing_answer": 1}
+    assert skipped == {"missing_problem": ["c (row 2)"], "missing_answer": ["d (row 3)"]}  # 0-based rows
     # Without the mapping nothing is usable: the error names the file, the counts and the fix.
     with pytest.raises(ValueError, match=r"set\.parquet.*missing_problem.*columns"):
         load_prompt_rows(path)

@@ -57,7 +57,6 @@ import functools
 import hashlib
 import io
 import json
-import math
 import os
 import shutil
 import sys
@@ -67,6 +66,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import _bootstrap  # noqa: F401
+
+from megatron_rlsd.data.dataset import SkipRow, image_sources, row_id, text_field
 
 TOOL = "prepare_mmfinereason"
 MARKER = ".prepare_mmfinereason"  # marks our scratch folder
@@ -197,12 +198,6 @@ class Source:
 
 
 # ----------------------------------------------------------------------------------- rows
-class Skip(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
-
-
 def parse_filter(text: str) -> tuple[str, str]:
     column, sep, value = text.partition("=")
     if not sep or not column:
@@ -224,75 +219,40 @@ def matches(cell, want: str) -> bool:
     return str(cell) == want
 
 
-def text_field(value, name: str) -> str:
-    if value is None:
-        raise Skip(f"missing_{name}")
-    if name == "answer":
-        if isinstance(value, bool):
-            raise Skip("bad_answer")
-        if isinstance(value, int):
-            return str(value)
-        if isinstance(value, float):
-            if not math.isfinite(value):
-                raise Skip("bad_answer")
-            return str(int(value)) if value.is_integer() and abs(value) < 2**53 else str(value)
-        if not isinstance(value, str):
-            raise Skip("bad_answer")
-        if not value.strip():
-            raise Skip("empty_answer")
-        return value.strip()
-    if not isinstance(value, str):
-        raise Skip(f"bad_{name}")
-    if not value.strip():
-        raise Skip(f"missing_{name}")
-    return value
-
-
 def image_items(value, base: Path) -> list[bytes]:
     """The source bytes of each image in an image cell (struct, list of structs, bytes or path)."""
-    if value is None:
-        return []
-    items = value if isinstance(value, list) else [value]
     out = []
-    for item in items:
-        data = path = None
-        if isinstance(item, dict):
-            data, path = item.get("bytes"), item.get("path")
-        elif isinstance(item, (bytes, bytearray)):
-            data = item
-        elif isinstance(item, str):
-            path = item
+    for data, path in image_sources(value, invalid="missing_image"):
         if data is None and path:  # a path-only struct: an image file next to the data
             file = Path(path) if os.path.isabs(path) else base / path
             data = file.read_bytes() if file.is_file() else None
         if not data:
-            raise Skip("missing_image")
-        out.append(bytes(data))
+            raise SkipRow("missing_image")
+        out.append(data)
     return out
 
 
 def row_id_of(record: dict, id_column: str, prefix_column: str, label: str, index: int) -> str:
     """``SOURCE:ID``, ``ID``, or ``<file stem>:<row index>`` when the row has no id."""
-    raw = record.get(id_column) if id_column else None
-    row_id = f"{Path(label).stem}:{index}" if raw is None or str(raw).strip() == "" else str(raw)
+    rid = row_id(record.get(id_column) if id_column else None, f"{Path(label).stem}:{index}")
     if prefix_column and record.get(prefix_column) not in (None, ""):
-        row_id = f"{record[prefix_column]}:{row_id}"
-    return row_id
+        rid = f"{record[prefix_column]}:{rid}"
+    return rid
 
 
 def parse_fields(record: dict, args: argparse.Namespace, base: Path, stats: Counter) -> tuple[str, str, list[bytes]]:
-    """(problem, answer, image bytes) of one record; raises Skip."""
-    problem = text_field(record.get(args.problem_column), "problem")
-    answer = text_field(record.get(args.answer_column), "answer")
+    """(problem, answer, image bytes) of one record; raises SkipRow."""
+    problem = text_field(record.get(args.problem_column), "problem", numbers=False)
+    answer = text_field(record.get(args.answer_column), "answer", blank="empty_answer").strip()
     blobs = image_items(record.get(args.image_column), base) if args.image_column else []
     if args.image_placeholder:
         placeholders = problem.count(args.image_placeholder)
         if placeholders and not blobs:
-            raise Skip("missing_image")
+            raise SkipRow("missing_image")
         stats["placeholder_mismatch"] += placeholders != len(blobs)
         problem = problem.replace(args.image_placeholder, "").strip()
         if not problem:
-            raise Skip("missing_problem")
+            raise SkipRow("missing_problem")
     return problem, answer, blobs
 
 
@@ -501,7 +461,7 @@ class Converter:
             return None
         try:
             problem, answer, blobs = parse_fields(record, self.args, self.base, self.stats)
-        except Skip as skip:
+        except SkipRow as skip:
             self.skip(skip.reason, row_id, label, index)
             return None
         digests = [hashlib.sha256(data).hexdigest() for data in blobs]

@@ -1,7 +1,7 @@
 """Prompt datasets (JSONL / parquet) and a resumable epoch sampler.
 
 A row is ``{id, problem, answer[, images]}``.  Bad rows are skipped and
-counted per reason, never silently dropped and never fatal hours into a run:
+returned per reason, never silently dropped and never fatal hours into a run:
 
 =====================  =====================================================
 reason                 cause
@@ -9,7 +9,7 @@ reason                 cause
 ``bad_json``           a JSONL line that is not valid JSON
 ``not_an_object``      valid JSON that is not an object (``[1, 2]``, ``"x"``)
 ``missing_problem``    problem absent, null or blank
-``bad_problem``        problem present but not a string
+``bad_problem``        problem not a string / int / float (bool, list, NaN)
 ``missing_answer``     answer absent, null or blank
 ``bad_answer``         answer not a string / int / float (bool, list, NaN)
 ``bad_images``         images not a string or a list of strings (or of
@@ -27,13 +27,14 @@ Numeric answers become strings (``7`` -> ``"7"``, ``8.0`` -> ``"8"``,
 resolved against the data file's folder.  With ``check_images=True`` every
 local image is checked once per distinct path (exists, ``PIL.Image.open``
 + ``verify()``: reads the file, decodes no pixels); URLs are not checked.
+
+The field parsers (:func:`row_id`, :func:`text_field`, :func:`image_sources`, raising
+:class:`SkipRow`) also serve tools/prepare_mmfinereason.py, which reads the published schema.
 """
 
 from __future__ import annotations
 
-import collections
 import json
-import logging
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -43,12 +44,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FIELDS", "EpochSampler", "PromptRow", "load_prompt_rows"]
-
-logger = logging.getLogger(__name__)
+__all__ = [
+    "FIELDS", "EpochSampler", "PromptRow", "SkipRow", "image_sources", "load_prompt_rows", "row_id", "text_field",
+]  # fmt: skip
 
 FIELDS = ("id", "problem", "answer", "images")
-_LOG_FIRST = 5  # rows logged per skip reason
 
 
 @dataclass
@@ -59,14 +59,16 @@ class PromptRow:
     images: list[str] = field(default_factory=list)
 
 
-class _SkipRow(Exception):
+class SkipRow(Exception):
+    """A row that is skipped, and why (``reason``, e.g. ``missing_answer``)."""
+
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """(1-based line number, parsed object or _SkipRow) per non-blank line."""
+    """(1-based line number, parsed object or SkipRow) per non-blank line."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -74,7 +76,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except (json.JSONDecodeError, RecursionError):
-                yield lineno, _SkipRow("bad_json")
+                yield lineno, SkipRow("bad_json")
 
 
 def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
@@ -90,39 +92,61 @@ def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
             index += 1
 
 
-def _text_field(record: Mapping, column: str, name: str) -> str:
-    value = record.get(column)
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise _SkipRow(f"missing_{name}")
-    if isinstance(value, bool):
-        raise _SkipRow(f"bad_{name}")
-    if isinstance(value, int):
+# ------------------------------------------------------------------ fields (shared with tools/)
+def row_id(raw: Any, default: str) -> str:
+    """A row's id as text, or ``default`` when it has none (absent, blank, a list or an object)."""
+    if raw is None or isinstance(raw, (dict, list)) or not str(raw).strip():
+        return default
+    return str(raw)
+
+
+def text_field(value: Any, name: str, *, numbers: bool = True, blank: str | None = None) -> str:
+    """A text field (``name`` is ``problem`` or ``answer``): a non-blank string, returned as is,
+    or with ``numbers`` a finite int / float written as text (an integer-valued float ``answer``
+    without ``.0``).  Raises SkipRow: ``missing_<name>`` when absent, ``blank`` (default
+    ``missing_<name>``) when a blank string, ``bad_<name>`` for any other value (bool, list, NaN)."""
+    if value is None:
+        raise SkipRow(f"missing_{name}")
+    if isinstance(value, str):
+        if not value.strip():
+            raise SkipRow(blank or f"missing_{name}")
+        return value
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _SkipRow(f"bad_{name}")
+    if numbers and isinstance(value, float) and math.isfinite(value):
         return str(int(value)) if name == "answer" and value.is_integer() and abs(value) < 2**53 else str(value)
-    if not isinstance(value, str):
-        raise _SkipRow(f"bad_{name}")
-    return value
+    raise SkipRow(f"bad_{name}")
 
 
-def _images_field(record: Mapping, column: str, base: Path) -> list[str]:
-    value = record.get(column)
+def image_sources(value: Any, invalid: str) -> list[tuple[bytes | None, str | None]]:
+    """The images of an images cell: a path, raw bytes, an HF ``datasets`` Image struct
+    ``{"bytes", "path"}``, or a list of these.  Returns ``(bytes, path)`` per image, each None
+    when absent or empty; an item of any other type raises ``SkipRow(invalid)``."""
     if value is None:
         return []
-    items = [value] if isinstance(value, (str, dict)) else value
-    if not isinstance(items, list):
-        raise _SkipRow("bad_images")
-    images = []
-    for item in items:
+    sources = []
+    for item in value if isinstance(value, list) else [value]:
         if isinstance(item, dict):
-            item = item.get("path")
-        if not isinstance(item, str) or not item:
-            raise _SkipRow("bad_images")
-        if "://" not in item and not os.path.isabs(item):
-            item = str(base / item)
-        images.append(item)
+            data, path = item.get("bytes"), item.get("path")
+        elif isinstance(item, (bytes, bytearray)):
+            data, path = item, None
+        elif isinstance(item, str):
+            data, path = None, item
+        else:
+            raise SkipRow(invalid)
+        data = bytes(data) if isinstance(data, (bytes, bytearray)) and data else None
+        sources.append((data, path if isinstance(path, str) and path else None))
+    return sources
+
+
+def _images_field(value: Any, base: Path) -> list[str]:
+    """Image paths (relative ones resolved against ``base``; URLs kept); embedded bytes without a
+    path are ``bad_images``: a prompt file refers to image files."""
+    images = []
+    for _, path in image_sources(value, invalid="bad_images"):
+        if path is None:
+            raise SkipRow("bad_images")
+        images.append(path if "://" in path or os.path.isabs(path) else str(base / path))
     return images
 
 
@@ -148,14 +172,15 @@ def load_prompt_rows(
     max_problem_chars: int | None = None,
     columns: Mapping[str, str] | None = None,
     check_images: bool = False,
-) -> tuple[list[PromptRow], collections.Counter]:
+) -> tuple[list[PromptRow], dict[str, list[str]]]:
     """Read prompt rows from ``.jsonl`` or ``.parquet``; returns ``(rows, skipped)``.
 
     ``columns`` maps our field names to the file's, e.g. ``{"problem": "question"}``.
-    ``skipped`` counts skipped rows per reason (see the module docstring); the
-    first few skipped rows of each reason are logged with their id / line.
-    ``check_images`` skips rows whose local image files are missing or not
-    decodable (``missing_image`` / ``undecodable_image``), one cheap
+    ``skipped`` maps each skip reason (see the module docstring) to the labels of all rows
+    skipped for it, in file order: the row's id (``"<stem>:<n>"`` when it has none), or
+    ``"<id> (line N)"`` / ``"<id> (row N)"`` when the row has an id of its own.  Nothing is
+    logged: the caller reports.  ``check_images`` skips rows whose local image files are
+    missing or not decodable (``missing_image`` / ``undecodable_image``), one cheap
     ``verify()`` per distinct path.
 
     Raises FileNotFoundError for a missing file, ValueError for an unknown
@@ -178,44 +203,37 @@ def load_prompt_rows(
         raise ValueError(f"{path}: unsupported data format {suffix!r}; use .jsonl or .parquet")
 
     rows: list[PromptRow] = []
-    skipped: collections.Counter = collections.Counter()
-    base = path.parent
+    skipped: dict[str, list[str]] = {}
     image_status: dict[str, str | None] = {}  # path -> skip reason or None (checked once per path)
     for n, record in records:
         default_id = f"{path.stem}:{n}"
-        row_id = default_id
+        rid = default_id
         try:
-            if isinstance(record, _SkipRow):
+            if isinstance(record, SkipRow):
                 raise record
             if not isinstance(record, dict):
-                raise _SkipRow("not_an_object")
-            raw_id = record.get(mapping["id"])
-            if raw_id is not None and not isinstance(raw_id, (dict, list)) and str(raw_id).strip():
-                row_id = str(raw_id)
-            problem = _text_field(record, mapping["problem"], "problem")
-            answer = _text_field(record, mapping["answer"], "answer").strip()
+                raise SkipRow("not_an_object")
+            rid = row_id(record.get(mapping["id"]), default_id)
+            problem = text_field(record.get(mapping["problem"]), "problem")
+            answer = text_field(record.get(mapping["answer"]), "answer").strip()
             if max_problem_chars is not None and len(problem) > max_problem_chars:
-                raise _SkipRow("too_long")
-            images = _images_field(record, mapping["images"], base)
+                raise SkipRow("too_long")
+            images = _images_field(record.get(mapping["images"]), path.parent)
             if check_images:
                 for image in images:
                     if image not in image_status:
                         image_status[image] = _check_image(image)
                     if image_status[image] is not None:
-                        raise _SkipRow(image_status[image])
-        except _SkipRow as skip:
-            skipped[skip.reason] += 1
-            if skipped[skip.reason] <= _LOG_FIRST:
-                label = row_id if row_id == default_id else f"{row_id} ({where} {n})"
-                logger.warning("%s: skipping %s %s: %s", path, where, label, skip.reason)
+                        raise SkipRow(image_status[image])
+        except SkipRow as skip:
+            skipped.setdefault(skip.reason, []).append(rid if rid == default_id else f"{rid} ({where} {n})")
             continue
-        rows.append(PromptRow(id=row_id, problem=problem, answer=answer, images=images))
+        rows.append(PromptRow(id=rid, problem=problem, answer=answer, images=images))
 
-    if skipped:
-        logger.warning("%s: loaded %d rows, skipped %d (%s)", path, len(rows), sum(skipped.values()), dict(skipped))
     if not rows:
+        counts = {reason: len(labels) for reason, labels in skipped.items()}
         raise ValueError(
-            f"{path}: no usable rows (skipped: {dict(skipped) or 'file is empty'}); "
+            f"{path}: no usable rows (skipped: {counts or 'file is empty'}); "
             f"expected fields {mapping['problem']!r} and {mapping['answer']!r} (set `columns` to map other names)"
         )
     return rows, skipped
