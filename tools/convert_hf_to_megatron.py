@@ -12,6 +12,14 @@ import sys
 
 import _bootstrap  # noqa: F401
 
+from megatron_rlsd.checkpoint.cli import run_conversion_tool
+
+
+def convert(args: argparse.Namespace):
+    from megatron_rlsd.checkpoint.convert import hf_to_megatron
+
+    return hf_to_megatron(args.hf_dir, args.out, allow_pickle=args.allow_pickle, progress=not args.quiet)
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -20,21 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--allow-pickle", action="store_true",
                         help="accept pytorch_model*.bin pickles (loaded with weights_only=True); only for trusted files")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = parser.parse_args(argv)
-
-    from megatron_rlsd.checkpoint.convert import hf_to_megatron
-    from megatron_rlsd.parallel import ParallelConfig, destroy_distributed, init_distributed
-
-    try:
-        init_distributed(ParallelConfig())
-        step_dir = hf_to_megatron(args.hf_dir, args.out, allow_pickle=args.allow_pickle, progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"convert_hf_to_megatron: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    print(f"wrote {step_dir}")
-    return 0
+    return run_conversion_tool("convert_hf_to_megatron", parser, convert, argv)
 
 
 if __name__ == "__main__":

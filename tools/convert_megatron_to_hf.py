@@ -4,13 +4,22 @@
 
 CKPT is a checkpoint root (its `latest` step is used) or one step directory. HF2 gets
 safetensors shards, model.safetensors.index.json, config.json and the tokenizer files, loadable by
-transformers and vLLM as is. One process on CPU; one layer in memory at a time.
+transformers and vLLM as is. One process on CPU; one layer in memory at a time, written in place
+into shards planned before any weight is read.
 """
 
 import argparse
 import sys
 
 import _bootstrap  # noqa: F401
+
+from megatron_rlsd.checkpoint.cli import run_conversion_tool
+
+
+def convert(args: argparse.Namespace):
+    from megatron_rlsd.checkpoint.convert import megatron_to_hf
+
+    return megatron_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), progress=not args.quiet)
 
 
 def main(argv=None) -> int:
@@ -19,22 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="new (or empty) HF output directory")
     parser.add_argument("--max-shard-gb", type=float, default=4.0, help="largest safetensors shard (GiB)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
-    args = parser.parse_args(argv)
-
-    from megatron_rlsd.checkpoint.convert import megatron_to_hf
-    from megatron_rlsd.parallel import ParallelConfig, destroy_distributed, init_distributed
-
-    try:
-        init_distributed(ParallelConfig())
-        out = megatron_to_hf(args.ckpt, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30),
-                             progress=not args.quiet)
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
-        print(f"convert_megatron_to_hf: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        destroy_distributed()
-    print(f"wrote {out}")
-    return 0
+    return run_conversion_tool("convert_megatron_to_hf", parser, convert, argv)
 
 
 if __name__ == "__main__":

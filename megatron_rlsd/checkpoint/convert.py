@@ -2,13 +2,20 @@
 
 The Megatron side's key structure comes from Megatron itself: a TP1/PP1 model is built on the
 meta device (no memory) and its `sharded_state_dict()` says which checkpoint keys, global shapes
-and layer offsets a real model expects. Conversion fills those entries with tensors that are
+and layer offsets a real model expects. Import fills those entries with tensors that are
 memory-mapped from the HF files, or, where the layout changes (fused QKV, [gate; up]), staged
-through a memory-mapped scratch file; so neither direction holds the model in anonymous memory.
+through a memory-mapped scratch file. Export plans the HF shards from the same entries before
+reading anything, then goes one layer at a time: tensors whose bytes are the same on both sides
+(all but fused QKV) are copied file to file from the checkpoint into their place in the output
+files, and fused QKV is read into memory and split. So neither direction holds more than about
+one layer in anonymous memory, and export moves most bytes like `cp`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
+import os
 import shutil
 import sys
 import tempfile
@@ -20,7 +27,7 @@ import torch
 
 from megatron_rlsd.checkpoint import dist as ckpt
 from megatron_rlsd.checkpoint import hf_mapping as hfmap
-from megatron_rlsd.checkpoint.safetensors_io import HFWeights, ShardedSafetensorsWriter
+from megatron_rlsd.checkpoint.safetensors_io import HFWeights, PlannedSafetensorsWriter
 from megatron_rlsd.models import qwen3
 from megatron_rlsd.models.registry import model_module
 
@@ -168,27 +175,171 @@ def megatron_to_hf(
     model, shape, mapping = _meta_model(hf_config)
     dtype = _hf_dtype(hf_config)
 
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ShardedSafetensorsWriter(out, max_shard_bytes=max_shard_bytes)
     sharded = model.sharded_state_dict()
     groups = _layer_groups(sharded)
-    bar = Progress(len(groups), "megatron->hf", progress)
-    for names in groups:
-        stacked = {name for name in names if _is_stacked(sharded[name])}
-        part = {name: _load_target(sharded[name], dtype) for name in names}
-        loaded = ckpt.load_sharded({"model": part}, step_dir, partial=True)["model"]
-        nbytes = 0
+    # Every HF tensor's name and shape follows from the meta model's entries: plan the shards first.
+    hf_parts = {name: mapping.to_hf(mapping.canonical_name(name), sharded[name].data)
+                for names in groups for name in names}  # fmt: skip
+    plan = [[(hf_name, dtype, tuple(t.shape)) for hf_name, t in parts] for parts in hf_parts.values()]
+    out.mkdir(parents=True, exist_ok=True)
+    stored = _StoredChunks(step_dir)
+
+    def export(names: list[str], writer: PlannedSafetensorsWriter) -> None:
+        """Write one group's (a layer's, or one top-level tensor's) HF tensors. Where the checkpoint
+        stores a tensor as plain bytes, same-bytes layouts are copied file to file and fused QKV is
+        read into memory; otherwise dist_checkpointing reads them, straight into their place in
+        the output files or into memory. Fused QKV is split in memory. All of it is released on
+        return, before the next group."""
+        targets, split = {}, {}
         for name in names:
-            megatron_tensor = loaded[name]
-            if name in stacked:
-                megatron_tensor = megatron_tensor[0]  # drop the stacked-layer axis of the one-layer slice
-            for hf_name, hf_tensor in mapping.to_hf(mapping.canonical_name(name), megatron_tensor):
-                writer.add(hf_name, hf_tensor)
-                nbytes += hf_tensor.numel() * hf_tensor.element_size()
-        bar.step(names[0], nbytes)
-    writer.close()
+            entry = sharded[name]
+            ranges = stored.byte_ranges(*_stored_region(entry), dtype)
+            if mapping.rule(mapping.canonical_name(name)).kind in _SAME_BYTES:
+                hf_names = [hf_name for hf_name, _ in hf_parts[name]]
+                if ranges is not None:
+                    _copy_ranges(ranges, *writer.region(hf_names)[:2])
+                else:
+                    targets[name] = _load_target(entry, writer.span(hf_names).view(entry.data.shape))
+            elif ranges is not None:
+                split[name] = _read_ranges(ranges, entry.data.shape, dtype)
+            else:
+                split[name] = torch.empty(entry.data.shape, dtype=dtype)
+                targets[name] = _load_target(entry, split[name])
+        if targets:
+            ckpt.load_sharded({"model": targets}, step_dir, partial=True)  # fills the targets' data in place
+        for name, tensor in split.items():
+            for hf_name, hf_tensor in mapping.to_hf(mapping.canonical_name(name), tensor):
+                writer.tensor(hf_name).copy_(hf_tensor)
+
+    bar = Progress(len(groups), "megatron->hf", progress)
+    with PlannedSafetensorsWriter(out, plan, max_shard_bytes=max_shard_bytes) as writer:
+        for names in groups:
+            export(names, writer)
+            bar.step(names[0], sum(sharded[name].data.numel() for name in names) * dtype.itemsize)
     copy_side_files(hf_src, out)
     return out
+
+
+# Layouts whose Megatron tensor is, byte for byte, its HF tensors back to back ([gate; up] for fc1).
+_SAME_BYTES = (hfmap.DIRECT, hfmap.GATE_UP)
+
+
+class _StoredChunks:
+    """Where a torch_dist checkpoint keeps the raw bytes of its tensors.
+
+    dist_checkpointing stores every saved shard of a tensor as a torch.save blob in a .distcp
+    file. When the shards inside a wanted region are whole row blocks of it, in the wanted dtype
+    and without storage transforms, the region's bytes are those blobs' data back to back: they
+    can be copied file to file (no decoding, no copy in memory) or read once into memory.
+    Anything else (another dtype, column blocks of a tensor-parallel checkpoint) is left to
+    dist_checkpointing.
+    """
+
+    def __init__(self, step_dir: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.step_dir = step_dir
+        self.metadata = FileSystemReader(str(step_dir)).read_metadata()
+
+    def byte_ranges(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...], dtype: torch.dtype):
+        """[(file, byte offset, byte count), ...] that make up the region `offset`, `shape` of
+        tensor `key` in row-major order, or None."""
+        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+
+        meta = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(meta, TensorStorageMetadata) or meta.properties.dtype != dtype:
+            return None
+        end = [o + n for o, n in zip(offset, shape)]
+        inside = [c for c in meta.chunks
+                  if all(o <= co and co + cn <= e for o, co, cn, e in zip(offset, c.offsets, c.sizes, end))]  # fmt: skip
+        row = next((d for d, n in enumerate(shape) if n > 1), 0)  # blocks split this dimension only
+        inside.sort(key=lambda c: c.offsets[row])
+        at = offset[row]
+        for c in inside:
+            if c.offsets[row] != at or any(cn != n for d, (cn, n) in enumerate(zip(c.sizes, shape)) if d != row):
+                return None
+            at += c.sizes[row]
+        if at != end[row]:
+            return None
+        ranges = []
+        for c in inside:
+            info = self.metadata.storage_data[MetadataIndex(key, c.offsets)]
+            if info.transform_descriptors:
+                return None
+            path = self.step_dir / info.relative_path
+            with open(path, "rb") as f:  # reads the blob's zip directory and pickle, not its data
+                t = torch.load(_FileView(f, info.offset, info.length), map_location="meta", weights_only=True)
+            start = getattr(t.untyped_storage(), "_checkpoint_offset", None)  # the data's offset in the blob
+            if start is None or t.dtype != dtype or tuple(t.shape) != tuple(c.sizes) or not t.is_contiguous():
+                return None
+            ranges.append((path, info.offset + start + t.storage_offset() * t.element_size(), t.nbytes))
+        return ranges
+
+
+class _FileView(io.RawIOBase):
+    """Bytes [start, start + length) of an open binary file, as a seekable file of their own."""
+
+    def __init__(self, f, start: int, length: int):
+        super().__init__()
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = (pos, self.pos + pos, self.length + pos)[whence]
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self.length - self.pos))
+        self.f.seek(self.start + self.pos)
+        got = self.f.readinto(memoryview(buffer)[:n])
+        self.pos += got
+        return got
+
+
+def _copy_ranges(ranges: list[tuple[Path, int, int]], dst: Path, offset: int) -> None:
+    """Copy byte ranges of files, back to back, into `dst` from `offset`, inside the kernel."""
+    with open(dst, "r+b") as out:
+        for src, start, nbytes in ranges:
+            with open(src, "rb") as f:
+                os.lseek(out.fileno(), offset, os.SEEK_SET)
+                done = 0
+                while done < nbytes:
+                    sent = os.sendfile(out.fileno(), f.fileno(), start + done, nbytes - done)
+                    if sent == 0:
+                        raise ValueError(f"{src}: ends before byte {start + nbytes}; the checkpoint is truncated")
+                    done += sent
+            offset += nbytes
+
+
+def _read_ranges(ranges: list[tuple[Path, int, int]], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A new tensor read from byte ranges of files, back to back."""
+    out = torch.empty(shape, dtype=dtype)
+    buffer, at = out.view(-1).view(torch.uint8).numpy(), 0
+    for src, start, nbytes in ranges:
+        with open(src, "rb") as f:
+            f.seek(start)
+            if f.readinto(buffer[at : at + nbytes]) != nbytes:
+                raise ValueError(f"{src}: ends before byte {start + nbytes}; the checkpoint is truncated")
+        at += nbytes
+    return out
+
+
+def _stored_region(entry) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
+    """(checkpoint key, offset, shape) of an entry's tensor in the checkpoint: for a layer, its
+    one-layer slice [1, ...] of the stacked [num_layers, ...] tensor."""
+    shape = tuple(entry.data.shape)
+    if not _is_stacked(entry):
+        return entry.key, (0,) * len(shape), shape
+    layer, _ = _layer_position(entry)
+    return entry.key, (layer,) + (0,) * len(shape), (1, *shape)
 
 
 def _is_stacked(entry) -> bool:
@@ -196,8 +347,8 @@ def _is_stacked(entry) -> bool:
     return getattr(entry, "prepend_axis_num", 0) > 0 or hasattr(entry, "build_fn")
 
 
-def _load_target(entry, dtype: torch.dtype):
-    """An empty tensor to load one entry into.
+def _load_target(entry, data: torch.Tensor):
+    """A new sharded tensor that loads one entry into `data` (the entry is not modified).
 
     Layer entries become a one-layer slice [1, ...] of the stacked [num_layers, ...] checkpoint
     tensor, addressed by plain offsets: Megatron's prepend-axis form assumes every layer of the
@@ -206,16 +357,19 @@ def _load_target(entry, dtype: torch.dtype):
     """
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    data = torch.empty(entry.data.shape, dtype=dtype)
     if not _is_stacked(entry):
-        entry.data = data
-        return entry
-    if hasattr(entry, "build_fn"):  # fc1 factory: its key's offsets live in the built shards
-        stacked = entry.build_fn(entry.key, entry.data, entry.replica_id, None)[0]
-    else:
-        stacked = entry
-    layer, num_layers = stacked.global_offset[0], stacked.global_shape[0]
+        # Checkpoint and model shapes come from the same config.json: a mismatch is an error, not
+        # something to zero-fill (and no memset of the embedding before it is read).
+        return dataclasses.replace(entry, data=data, dtype=data.dtype, allow_shape_mismatch=False)
+    layer, num_layers = _layer_position(entry)
     return ShardedTensor.from_rank_offsets(entry.key, data.unsqueeze(0), (0, layer, num_layers))
+
+
+def _layer_position(entry) -> tuple[int, int]:
+    """(layer index, number of layers) of a stacked layer entry."""
+    if hasattr(entry, "build_fn"):  # fc1 factory: its key's offsets live in the built shards
+        entry = entry.build_fn(entry.key, entry.data, entry.replica_id, None)[0]
+    return entry.global_offset[0], entry.global_shape[0]
 
 
 def _hf_dtype(hf_config: dict) -> torch.dtype:
