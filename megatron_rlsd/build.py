@@ -64,12 +64,17 @@ def build_model(cfg: Config, platform: Platform, hf_config: dict):
     from megatron_rlsd.checkpoint.hf_load import load_hf_into_stage
     from megatron_rlsd.models.registry import build_pipeline_stage, use_transformer_engine
 
-    try:
-        use_te = use_transformer_engine(cfg.model.transformer_impl, platform)
+    m = cfg.model
+    dtype = torch.bfloat16 if m.params_dtype == "bfloat16" else torch.float32
+    try:  # a layer implementation or memory options the model cannot take are config errors
+        use_te = use_transformer_engine(m.transformer_impl, platform)
+        model, shape = build_pipeline_stage(
+            hf_config, platform, params_dtype=dtype, init_weights=False, use_te=use_te,
+            sequence_parallel=cfg.parallel.sequence_parallel, recompute=m.recompute,
+            recompute_method=m.recompute_method, recompute_num_layers=m.recompute_num_layers,
+        )  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    dtype = torch.bfloat16 if cfg.model.params_dtype == "bfloat16" else torch.float32
-    model, shape = build_pipeline_stage(hf_config, platform, params_dtype=dtype, init_weights=False, use_te=use_te)
     mark_tensor_parallel_weights(model)
     if cfg.model.init_checkpoint:
         ckpt.load_model_weights(model, cfg.model.init_checkpoint)

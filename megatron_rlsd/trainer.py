@@ -52,7 +52,6 @@ from megatron_rlsd.rollout.samples import (
     pad_lists,
     padding_efficiency,
     plan_micro_batches,
-    response_logits,
 )
 from megatron_rlsd.rollout.weight_sync import iter_hf_buckets
 from megatron_rlsd.teacher import TeacherWeights
@@ -266,10 +265,7 @@ class Trainer:
         groups = self._groups(batch, teacher)
         mbs = micro_batches(batch, groups, teacher=teacher, pad_id=self.c.tokenizer.pad_token_id)
 
-        def per_mb(logits, mb):
-            return compute(response_logits(logits, mb["resp_pos"]), mb)
-
-        outs = forward_only(self.c.model, mbs, per_mb)
+        outs = forward_only(self.c.model, mbs, compute)  # logits of the response positions only
         if not outs:
             return None
         return {k: gather_rows([o[k] for o in outs], groups, len(batch)) for k in outs[0]}
@@ -344,8 +340,7 @@ class Trainer:
         mbs = micro_batches(batch, groups, teacher=False, pad_id=self.c.tokenizer.pad_token_id, extra=extra)
         step = self.step + 1
 
-        def loss_fn(logits, mb):
-            rl = response_logits(logits, mb["resp_pos"])
+        def loss_fn(rl, mb):  # rl: logits of the response positions [b, R, V/tp]
             logp, entropy = vocab_parallel_logprobs_and_entropy(rl, mb["resp_ids"], tp_group=self.tp_group,
                                                                 temperature=self.temperature)  # fmt: skip
             valid = mb["mask"]

@@ -19,7 +19,7 @@ from megatron_rlsd.build import Components
 from megatron_rlsd.config import Config, ConfigError
 from megatron_rlsd.optimizer import apply_hparams, reset_moments, update
 from megatron_rlsd.parallel import all_reduce_scalar
-from megatron_rlsd.rollout.samples import Sample, micro_batches, plan_micro_batches, response_logits
+from megatron_rlsd.rollout.samples import Sample, micro_batches, plan_micro_batches
 
 
 def warm_start(c: Components, cfg: Config) -> None:
@@ -48,7 +48,7 @@ def warm_start(c: Components, cfg: Config) -> None:
         n_tokens = all_reduce_scalar(float(sum(len(s.response) for s in samples)), group=ps.get_data_parallel_group())
 
         def nll(logits, mb):
-            lp = vocab_parallel_logprobs(response_logits(logits, mb["resp_pos"]), mb["resp_ids"], tp_group=tp_group)
+            lp = vocab_parallel_logprobs(logits, mb["resp_ids"], tp_group=tp_group)  # logits at resp_pos
             value = -(lp * mb["mask"]).sum() / n_tokens
             return value, {"nll": value.detach()}
 

@@ -15,15 +15,28 @@ Layout under parallelism:
 
 Images are encoded one at a time (attention never crosses images), which needs no attention mask
 and works with the local and the Transformer Engine spec alike.
+
+Memory options (see qwen3.transformer_config):
+- Activation recomputation applies to the ViT too: for a prompt with images it sees about four
+  patches per image token, so its activations are of the order of the decoder's. Selective
+  recomputes its attention cores (they come with the config); full recomputes every ViT block
+  from its input (model.recompute_method / recompute_num_layers shape the decoder only: DeepStack
+  taps sit between blocks). DeepStack features reach the decoder as one tensor (`DeepStackLayer`),
+  which Megatron's full-recompute checkpoints take like any input.
+- Sequence parallelism applies to the decoder: the merged embeddings and DeepStack features are
+  split along the sequence after the image features are placed. The ViT runs whole on every TP
+  rank (its sequence is an image's patches, not the token sequence).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -153,7 +166,8 @@ def transformer_config(shape: Qwen3VLShape, platform: Platform, **kwargs):
 
 
 def vision_transformer_config(shape: Qwen3VLShape, text_config):
-    """The ViT's TransformerConfig: same TP, dtype and init as the decoder, never pipelined."""
+    """The ViT's TransformerConfig: same TP, dtype, init and recompute as the decoder, never
+    pipelined, never sequence-parallel."""
     v = shape.vision
     return dataclasses.replace(
         text_config,
@@ -162,6 +176,7 @@ def vision_transformer_config(shape: Qwen3VLShape, text_config):
                              bias=True),  # fmt: skip
         bias_activation_fusion=False,
         pipeline_model_parallel_size=1,
+        sequence_parallel=False,
         mrope_section=None,
     )
 
@@ -386,6 +401,7 @@ class VisionEncoder(MegatronModule):
         embedded = self.patch_embed.proj(patches).view(-1, v.hidden_size)
         merged, deep = [], [[] for _ in v.deepstack_visual_indexes]
         start = 0
+        recompute = self.config.recompute_granularity == "full" and self.training
         for t, h, w in grid_thw.tolist():
             n = t * h * w
             rows, cols = vision_patch_positions(t, h, w, v.spatial_merge_size)
@@ -397,7 +413,10 @@ class VisionEncoder(MegatronModule):
             rotary = vision_rotary_freqs(rows, cols, v).to(embedded.device)
             x = x.unsqueeze(1)  # [patches, batch=1, hidden], Megatron's [s, b, h]
             for index, layer in enumerate(self.decoder.layers):
-                x, _ = layer(x, attention_mask=None, rotary_pos_emb=rotary)
+                if recompute:  # keep only the block's input; rerun it in the backward
+                    x = tensor_parallel.checkpoint(partial(_vision_block, layer), False, x, rotary)
+                else:
+                    x = _vision_block(layer, x, rotary)
                 if index in v.deepstack_visual_indexes:
                     j = v.deepstack_visual_indexes.index(index)
                     deep[j].append(self.deepstack_mergers[j](x[:, 0]))
@@ -405,28 +424,34 @@ class VisionEncoder(MegatronModule):
         return torch.cat(merged), [torch.cat(d) for d in deep]
 
 
-@dataclass(frozen=True)
-class DeepStackFeatures:
-    """One forward's DeepStack inputs: where the image tokens sit, and per fed decoder layer
-    (the first len(features) layers) the merged ViT features to add there."""
+def _vision_block(layer, x: torch.Tensor, rotary: torch.Tensor) -> torch.Tensor:
+    return layer(x, attention_mask=None, rotary_pos_emb=rotary)[0]
 
-    positions: tuple[torch.Tensor, torch.Tensor]  # (sequence index, batch index) of each image token
-    features: list[torch.Tensor]  # [image tokens, hidden] per fed layer
+
+def deepstack_context(decoder_input: torch.Tensor, positions: tuple[torch.Tensor, torch.Tensor],
+                      features: list[torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """DeepStack features as one tensor [s, b, fed layers, h]: layer i's features at the image
+    tokens' (sequence, batch) `positions`, zero elsewhere."""
+    s, b, h = decoder_input.shape
+    context = decoder_input.new_zeros(s, b, len(features), h)
+    return context.index_put(positions, torch.stack(features, dim=1).to(context.dtype))
 
 
 class DeepStackLayer(TransformerLayer):
     """A decoder layer that adds its DeepStack features (if any) to its output hidden states.
 
-    The features arrive as the `context` argument, which Megatron's TransformerBlock hands to every
-    layer and threads through their outputs (its channel for encoder outputs consumed by decoder
-    layers; self-attention-only layers do not read it, so it is not passed on to the attention).
+    The features arrive as the `context` argument (`deepstack_context`, split along the sequence
+    like the hidden states under sequence parallelism), which Megatron's TransformerBlock hands to
+    every layer and threads through their outputs and its full-recompute checkpoints (its channel
+    for encoder outputs consumed by decoder layers; self-attention-only layers do not read it, so
+    it is not passed on to the attention). Adding zeros elsewhere leaves the other tokens exact.
     """
 
-    def forward(self, *args, context: DeepStackFeatures | None = None, **kwargs):
+    def forward(self, *args, context: torch.Tensor | None = None, **kwargs):
         hidden, _ = super().forward(*args, context=None, **kwargs)
         index = self.layer_number - 1  # global, 0-based; the fed layers all sit on the first stage
-        if context is not None and index < len(context.features):
-            hidden = hidden.index_put(context.positions, context.features[index].to(hidden.dtype), accumulate=True)
+        if context is not None and index < context.shape[2]:
+            hidden = hidden + context[:, :, index]
         return hidden, context
 
 
@@ -434,8 +459,9 @@ class Qwen3VLModel(MegatronModule):
     """One pipeline stage of Qwen3-VL: [ViT + mergers on the first stage] + a GPTModel decoder.
 
     forward(input_ids [b, s], position_ids (ignored: M-RoPE ids are derived from input_ids and
-    image_grid_thw), attention_mask, pixel_values=None, image_grid_thw=None, images_per_row=None)
-    -> vocab-parallel logits [b, s, V/tp] on the last stage, hidden states elsewhere.
+    image_grid_thw), attention_mask, pixel_values=None, image_grid_thw=None, images_per_row=None,
+    logit_positions=None) -> vocab-parallel logits [b, s, V/tp] on the last stage ([b, R, V/tp]
+    with `logit_positions` [b, R], see qwen3.Qwen3GPTModel), hidden states elsewhere.
     """
 
     def __init__(self, shape: Qwen3VLShape, config, *, pre_process: bool, post_process: bool, use_te: bool,
@@ -443,9 +469,11 @@ class Qwen3VLModel(MegatronModule):
         super().__init__(config=config)
         self.shape = shape
         self.pre_process, self.post_process = pre_process, post_process
-        self.language_model = qwen3.language_model(shape, config, decoder_layer_spec(use_te), pre_process=pre_process,
-                                                   post_process=post_process, vp_stage=vp_stage,
-                                                   position_embedding_type="mrope")  # fmt: skip
+        # the embeddings are split along the sequence (sequence parallelism) after images are placed
+        self.language_model = qwen3.language_model(shape, config, decoder_layer_spec(use_te), use_te=use_te,
+                                                   pre_process=pre_process, post_process=post_process,
+                                                   vp_stage=vp_stage, position_embedding_type="mrope",
+                                                   scatter_embedding_sequence_parallel=False)  # fmt: skip
         # Megatron-Core's M-RoPE is Qwen2-VL's chunked layout; Qwen3-VL interleaves the axes.
         self.language_model.rotary_pos_emb = InterleavedMRotaryEmbedding(shape.head_dim, shape.rope_theta,
                                                                          shape.mrope_section)  # fmt: skip
@@ -465,7 +493,7 @@ class Qwen3VLModel(MegatronModule):
                 images_per_row=None, labels=None, **kwargs):  # fmt: skip
         image_mask = image_token_mask(input_ids, image_grid_thw, images_per_row, self.shape)
         position_ids = mrope_position_ids(input_ids, image_mask, image_grid_thw, self.shape)
-        decoder_input, deepstack = None, None
+        decoder_input, context = None, None
         if self.pre_process:
             decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
             if pixel_values is not None and image_grid_thw is not None and len(image_grid_thw):
@@ -474,9 +502,16 @@ class Qwen3VLModel(MegatronModule):
                 if image_embeds.shape[0] != s_idx.numel():
                     raise ValueError(f"{s_idx.numel()} image tokens in the batch but the images give {image_embeds.shape[0]}")
                 decoder_input = decoder_input.index_put((s_idx, b_idx), image_embeds.to(decoder_input.dtype))
-                deepstack = {"context": DeepStackFeatures((s_idx, b_idx), deep)}
+                if deep:
+                    context = deepstack_context(decoder_input, (s_idx, b_idx), deep)
+            if self.config.sequence_parallel:
+                # clone: the chunk would keep the whole sequence alive (as Megatron's embedding does)
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input).clone()
+                if context is not None:
+                    context = tensor_parallel.scatter_to_sequence_parallel_region(context).clone()
         return self.language_model(input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels,
-                                   extra_block_kwargs=deepstack, **kwargs)  # fmt: skip
+                                   extra_block_kwargs={"context": context} if context is not None else None,
+                                   **kwargs)  # fmt: skip
 
 
 def build_model(shape: Qwen3VLShape, config, *, pre_process: bool, post_process: bool, use_te: bool,

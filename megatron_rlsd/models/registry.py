@@ -52,10 +52,13 @@ def use_transformer_engine(impl: str, platform) -> bool:
     return True
 
 
-def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_weights: bool = True, use_te: bool = False):
+def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_weights: bool = True, use_te: bool = False,
+                         **memory):  # fmt: skip
     """This rank's pipeline stage of the model named by `hf_config`, under the current
     Megatron parallel_state (TP/PP already initialised), with the Transformer Engine layer spec
-    or the local one (`use_transformer_engine`). Returns (model, shape)."""
+    or the local one (`use_transformer_engine`). `memory`: sequence_parallel, recompute,
+    recompute_method, recompute_num_layers (qwen3.transformer_config; ValueError naming the fix
+    when they do not fit the model). Returns (model, shape)."""
     import torch
     from megatron.core import parallel_state as ps
 
@@ -64,7 +67,8 @@ def build_pipeline_stage(hf_config: dict, platform, *, params_dtype=None, init_w
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     shape.check_parallel(tp, pp)
     config = module.transformer_config(
-        shape, platform, tp=tp, pp=pp, params_dtype=params_dtype or torch.float32, init_weights=init_weights, use_te=use_te
+        shape, platform, tp=tp, pp=pp, params_dtype=params_dtype or torch.float32, init_weights=init_weights, use_te=use_te,
+        **memory,
     )
     model = module.build_model(
         shape, config, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(), use_te=use_te

@@ -129,11 +129,6 @@ def padding_efficiency(samples: list[Sample], groups: list[list[int]], teacher: 
     return sum(lengths), sum(len(g) * max(lengths[i] for i in g) for g in groups)
 
 
-def response_logits(logits: torch.Tensor, resp_pos: torch.Tensor) -> torch.Tensor:
-    """[b, T, V] logits -> [b, R, V] rows that predict each response token (a new tensor)."""
-    return logits[torch.arange(logits.shape[0], device=logits.device).unsqueeze(1), resp_pos]
-
-
 def pad_lists(values: list[list[float]], width: int) -> torch.Tensor:
     """[len(values), width] fp32, each list left-aligned and zero-padded (or cut) to `width`."""
     out = torch.zeros(len(values), width, dtype=torch.float32)
