@@ -218,7 +218,7 @@ def parse_options(value: Any) -> list[str]:
             raise SkipRow("bad_options")
         ends = [m.start() for m in items[1:]] + [len(text)]
         return [text[m.end() : end].strip().rstrip(";").strip() for m, end in zip(items, ends)]
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ndarray":
+    if isinstance(value, (list, tuple)):
         options = [_option_text(v) for v in value]
         if len(options) > len(LETTERS):
             raise SkipRow("bad_options")
@@ -286,8 +286,8 @@ def _check_image_item(image: str | bytes) -> str | None:
 def _columns_hint(columns: set[str]) -> str:
     fits = [name for name, layout in PRESETS.items() if set(layout.required()) <= columns]
     if fits:
-        return f"this looks like the {fits[0]} layout: pass --preset {fits[0]}"
-    return "name the columns with --question-column / --answer-column / --options-column / --image-column, or pick a --preset"
+        return f"this looks like the {fits[0]} layout: use the preset {fits[0]!r}"
+    return "name the question / answer / options / image columns, or pick a preset"
 
 
 def load_benchmark(path: str | Path, layout: Layout, name: str | None = None,

@@ -199,7 +199,7 @@ def test_column_flags_and_default_layout(tmp_path):
 
 def test_bad_benchmark_files_are_clear_errors(tmp_path):
     vista = mathvista_file(tmp_path)
-    with pytest.raises(EvalDataError, match=r"no column 'problem'.*pass --preset mathvista"):
+    with pytest.raises(EvalDataError, match=r"no column 'problem'.*looks like the mathvista layout: use the preset 'mathvista'"):
         load_benchmark(vista, PRESETS["default"])
     with pytest.raises(EvalDataError, match=r"no column 'choice'"):
         load_benchmark(vista, layout_with(PRESETS["mathvista"], options="choice"))
