@@ -402,6 +402,11 @@ def test_evaluate_tool_refuses_bad_input(tmp_path, capsys):
         "--preset given 2 times for 1 --data": ["--model", str(fake), "--data", str(vista), "--preset", "mmmu", "--preset", "mmmu"],
     }
     tool = _evaluate_tool()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text("{}")  # a run's resolved config, not an HF one
+    (run / "checkpoints" / "latest").write_text("step_0000005\n")
+    assert (tool.model_kind(fake), tool.model_kind(run), tool.model_kind(run / "checkpoints")) == ("hf", "checkpoint", "checkpoint")
     for message, args in cases.items():
         assert tool.main([*args, "--out", str(tmp_path / "out")]) == 2, message
         lines = capsys.readouterr().err.strip().splitlines()
@@ -428,7 +433,7 @@ def test_evaluate_tool_reads_a_benchmark_spread_over_files(tmp_path, capsys):
     assert [(r.benchmark, r.index) for r in rows] == [("mmmu", i) for i in (0, 1, 2, 4, 5, 6)]
     assert [(s.index, s.reason) for s in skipped] == [(3, "undecodable_image"), (7, "undecodable_image")]
     args = tool.parse_args(["--model", "m", "--out", "o", "--data", pattern])
-    with pytest.raises(tool.UsageError, match="name a benchmark of several files: --data NAME="):
+    with pytest.raises(tool.UsageError, match="name a benchmark given as a pattern: --data NAME="):
         tool.data_specs(args)
 
 

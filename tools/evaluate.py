@@ -4,14 +4,16 @@
     torchrun --nproc-per-node N tools/evaluate.py ...        (data parallel, see below)
 
 MODEL is a Hugging Face folder (config.json + *.safetensors) or one of our checkpoints (a
-checkpoint root, whose `latest` step is used, or a step directory); a checkpoint is first
-exported to a temporary HF folder inside DIR (streaming, megatron_rlsd.checkpoint.convert) and
-removed at the end. FILE is a JSONL or parquet benchmark file, optionally named: NAME=FILE
-(default name: the file's stem), or a quoted glob pattern whose files form one named benchmark
-(MMMU's subjects: --data 'mmmu=MMMU/*/validation-*.parquet'). Column layouts: --preset (default: our {id, problem, answer[,
-options][, images]} files; mmmu, mathvista, mathvision, zerobench, wemath: their published
-columns, listed in docs/evaluation.md) and the column flags, which override the preset's names.
-One --preset applies to every --data; or give one per --data, in order.
+checkpoint root, whose `latest` step is used, a training run's output directory, or a step
+directory); a checkpoint is first exported to a temporary HF folder inside DIR (streaming,
+megatron_rlsd.checkpoint.convert) and removed at the end.
+
+FILE is a JSONL or parquet benchmark file, optionally named: NAME=FILE (default name: the file's
+stem), or a quoted glob pattern whose files form one named benchmark (MMMU's subjects:
+--data 'mmmu=MMMU/*/validation-*.parquet'). Column layouts: --preset (default: our {id,
+problem, answer[, options][, images]} files; mmmu, mathvista, mathvision, zerobench, wemath:
+their published columns, listed in docs/evaluation.md) and the column flags, which override the
+preset's names. One --preset applies to every --data; or give one per --data, in order.
 
 Generation runs in vLLM (megatron_rlsd.rollout.vllm_engine.VLLMEngine, the trainer's rollout
 engine) on the student prompt template, greedy by default; --samples K with --temperature > 0
@@ -103,7 +105,7 @@ def data_specs(args) -> list[tuple[str, list[Path], str]]:
             if not files:
                 raise UsageError(f"--data {item}: the pattern matches no file")
             if not name:
-                raise UsageError(f"--data {item}: name a benchmark of several files: --data NAME={pattern}")
+                raise UsageError(f"--data {item}: name a benchmark given as a pattern: --data NAME={pattern}")
         specs.append((name or files[0].stem, files, presets[i if len(presets) > 1 else 0]))
     names = [s[0] for s in specs]
     if len(set(names)) != len(names):
@@ -130,10 +132,11 @@ def load_data(args, specs):
 
 
 def model_kind(path: Path) -> str:
-    """"hf" or "checkpoint"; UsageError for anything else."""
+    """"hf" or "checkpoint" (a training run's output directory counts as its checkpoint root);
+    UsageError for anything else."""
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return "hf"
-    if (path / "latest").is_file() or (path / "metadata.json").is_file():
+    if (path / "latest").is_file() or (path / "metadata.json").is_file() or (path / "checkpoints" / "latest").is_file():
         return "checkpoint"
     raise UsageError(
         f"--model {path}: neither a Hugging Face folder (config.json + *.safetensors) nor a checkpoint (a root with "
@@ -198,6 +201,8 @@ def run(args) -> int:
     if not model.exists():
         raise UsageError(f"--model {model}: no such folder")
     kind = model_kind(model)
+    if kind == "checkpoint" and (model / "checkpoints" / "latest").is_file():
+        model = model / "checkpoints"  # a training run's output directory
     if args.student_template and not Path(args.student_template).is_file():
         raise UsageError(f"--student-template {args.student_template}: no such file")
     rows, skipped = load_data(args, specs)  # every rank: cheap, and bad data stops before any engine starts
