@@ -32,6 +32,7 @@ setup(
         "math-verify>=0.9,<0.10",  # answer equivalence (run in guarded worker processes)
         "pebble>=5.1,<6",  # the math-verify worker pool (per-task timeouts that kill the worker)
         "tensorboard",  # metrics
+        "matplotlib",  # tools/plot_metrics.py and tools/credit_heatmap.py (Agg backend, no display needed)
     ],
     extras_require={
         # torchvision 0.28.0: the release for torch 2.13 (tools/setup_env.sh makes it importable on CPU)
