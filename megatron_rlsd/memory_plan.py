@@ -66,11 +66,12 @@ hs (+ h gathered with SP) + QKV q + 2k + roped Q, K q + k + O q, or + fc1 2f + p
 Backward working set of a layer: hs + 2f: the incoming gradient, and the activation's input and
 output gradients (3f) less fc2's input (f), freed once fc2's backward is done; for the unfused
 attention 3 a/t s fp32 per token (softmax gradients) less the MLP's stored tensors, freed by then.
-The ViT (Qwen3-VL, first stage) is walked layer by layer by the model itself, so Megatron's
-block-level full recompute does not reach it; selective recompute does (it lives inside the
-attention). It has no sequence parallelism. Per patch: its layers as above (LayerNorm, no q/k
-norms, MHA, GELU MLP), the patch embedding's input C x T_p x P^2, the mergers' 2 h_v + 2 h_v/t
-each, and the micro-batch's pixels in fp32.
+The ViT (Qwen3-VL, first stage) follows `model.recompute` too (models/qwen3_vl.py): selective
+recomputes its attention cores, full checkpoints every block, which then keeps only its input
+(h_v per patch) plus, at its backward, one block of one image recomputed. It has no sequence
+parallelism. Per patch otherwise: its layers as above (LayerNorm, no q/k norms, MHA, GELU MLP),
+the patch embedding's input C x T_p x P^2, the mergers' 2 h_v + 2 h_v/t each, and the
+micro-batch's pixels in fp32.
 """
 
 from __future__ import annotations
@@ -367,10 +368,14 @@ def vision_update(model: Model, split: Split, kernels: Kernels, act_bytes: int, 
     seq = mb.largest_image_tokens * v.spatial_merge_size**2
     core = "selective" if recompute.mode == "selective" else "none"
     vsplit = Split(split.tp, False)
-    per_patch = model.vision.layers * layer_stored(model.vision, vsplit, kernels, act_bytes, seq, core)
+    one_block = layer_stored(model.vision, vsplit, kernels, act_bytes, seq, core)
+    if recompute.mode == "full":  # block inputs kept; one block of one image recomputed at a time
+        per_patch, recomputed = model.vision.layers * v.hidden_size * act_bytes, one_block * seq
+    else:
+        per_patch, recomputed = model.vision.layers * one_block, 0.0
     per_patch += model.patch_inputs * (act_bytes + 4)  # conv input, and the fp32 pixels it came from
     per_patch += (1 + len(v.deepstack_visual_indexes)) * (2 * v.hidden_size + 2 * v.hidden_size / split.tp) * act_bytes
-    return per_patch * patches
+    return per_patch * patches + recomputed
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -626,7 +631,7 @@ def update_activations(model: Model, split: Split, kernels: Kernels, act_bytes: 
     flight = f"{in_flight} micro-batches in flight" if in_flight > 1 else "one micro-batch"
     stored = [Term(f"decoder activations stored ({flight}, recompute {recompute.mode})", stored_bytes * in_flight)]
     if first and mb.image_tokens:
-        stored.append(Term(f"ViT activations and pixels ({flight}; not under full recompute)",
+        stored.append(Term(f"ViT activations and pixels ({flight})",
                            vision_update(model, split, kernels, act_bytes, mb, recompute) * in_flight))  # fmt: skip
     loss = []
     if last:
