@@ -84,6 +84,17 @@ CKPT_TIME_FACTOR = 2.5
 CKPT_SECONDS = 150.0
 
 
+# Time budget of each phase of a run at the largest shape (seconds; "step": each step). The
+# child's time limit is what stops a run; a phase over its budget is reported, to show where the
+# time went. Largest expected costs: the first step compiles Megatron's fused kernels
+# (torch.compile); a step's rollout is HF generate, one token at a time.
+PHASE_BUDGET_S = {
+    "import": 30, "distributed_init": 15, "write_model_and_data": 40, "build": 45, "rollout_stand_in_init": 20,
+    "trainer_init": 10, "start_and_first_sync": 15, "step": 60, "checkpoint_save": 60, "load": 45,
+    "export_after_reload": 10, "load_into_fresh_optimizer": 45,
+}  # fmt: skip
+
+
 @dataclass
 class RunSize:
     """One run's work: `steps` optimizer steps over `prompts` x `group` samples."""
@@ -355,6 +366,8 @@ def render_text(result: dict) -> str:
             lines.append(f"   {s['steps']} step(s) x {s['prompts']} prompts x {s['group']} samples, <= {s['max_new_tokens']} "
                          f"new tokens, micro-batch {s['micro_batch_size']} rows")  # fmt: skip
         lines.append("   phase times (s): " + ", ".join(f"{k} {v}" for k, v in r.get("phases", {}).items()))
+        if r.get("phases_over_budget"):
+            lines.append("   phases over their budget (s): " + ", ".join(f"{k} {v}" for k, v in r["phases_over_budget"].items()))
         if r.get("memory"):
             lines.append("   memory (GiB): " + ", ".join(f"{k} {v}" for k, v in r["memory"].items()))
         if r.get("stages"):
@@ -438,12 +451,15 @@ def phase_timer(report: dict, clock: Clock, flush, sync):
 
     @contextmanager
     def phase(name: str):
-        clock.log(f"{name} ...")
+        budget = PHASE_BUDGET_S["step" if name.startswith("step_") else name]
+        clock.log(f"{name} ... (budget {budget} s)")
         t0 = time.perf_counter()
         yield
         sync()
-        report["phases"][name] = round(time.perf_counter() - t0, 3)
-        clock.log(f"{name}: {report['phases'][name]} s")
+        took = report["phases"][name] = round(time.perf_counter() - t0, 3)
+        if took > budget:
+            report.setdefault("phases_over_budget", {})[name] = budget
+        clock.log(f"{name}: {took} s" + (f", OVER its {budget} s budget" if took > budget else ""))
         flush()
 
     return phase
