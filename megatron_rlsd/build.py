@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ class Components:
     templates: object  # student / teacher prompt templates
     rows: list  # usable prompt rows
     engine: object  # the colocated vLLM engine (None when built without one)
+    eval_rows: list = field(default_factory=list)  # validation questions (evaluation.EvalRow)
 
 
 def seed_everything(seed: int) -> None:
@@ -80,9 +81,9 @@ def build_model(cfg: Config, platform: Platform, hf_config: dict):
         ckpt.load_model_weights(model, cfg.model.init_checkpoint)
     else:
         load_hf_into_stage(model, cfg.model.hf_dir, shape)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=not platform.is_cpu
-    )  # the distributed optimizer's state does not restore exactly on CPU
+    distributed = {"auto": not platform.is_cpu, "true": True, "false": False}[cfg.optim.distributed]
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=distributed)  # fmt: skip
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = model.no_sync
@@ -116,9 +117,27 @@ def build(cfg: Config, platform: Platform, with_engine: bool = True) -> Componen
     hf_config = json.loads((Path(cfg.model.hf_dir) / "config.json").read_text())
     encoder = PromptEncoder(cfg.model.hf_dir, tokenizer, multimodal="vision_config" in hf_config)
     rows = load_training_rows(cfg.data, encoder, templates)
+    eval_rows = load_eval_rows(cfg.data) if cfg.data.eval_file else []
 
     model, shape = build_model(cfg, platform, hf_config)
     optimizer = build_optimizer(cfg.optim, model, bf16=cfg.model.params_dtype == "bfloat16")
     engine = build_engine(cfg, platform) if with_engine else None
     seed_everything(cfg.trainer.seed)  # vLLM's CPU worker reseeds the global generators
-    return Components(platform, model, shape, optimizer, tokenizer, encoder, templates, rows, engine)
+    return Components(platform, model, shape, optimizer, tokenizer, encoder, templates, rows, engine, eval_rows)
+
+
+def load_eval_rows(data_cfg) -> list:
+    """The validation questions of data.eval_file (unusable rows are counted and reported)."""
+    import torch.distributed as dist
+
+    from megatron_rlsd.evaluation import PRESETS, EvalDataError, load_benchmark
+
+    if data_cfg.eval_preset not in PRESETS:
+        raise ConfigError(f"data.eval_preset must be one of {', '.join(PRESETS)}, got {data_cfg.eval_preset!r}")
+    try:
+        rows, skipped = load_benchmark(data_cfg.eval_file, PRESETS[data_cfg.eval_preset], name="eval")
+    except EvalDataError as e:
+        raise ConfigError(f"data.eval_file {e}") from None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"eval: {data_cfg.eval_file}: {len(rows)} questions, {len(skipped)} skipped", flush=True)
+    return rows

@@ -191,6 +191,16 @@ def _detach(sharded_state_dict: dict) -> dict:
     return dict_list_map_inplace(detach, sharded_state_dict)
 
 
+def _initialise_state(optimizer) -> None:
+    """Give a fresh (never stepped) optimizer its state before a checkpoint is loaded into it.
+    Megatron's distributed optimizer describes its state from the state it holds, and with
+    torch's Adam (no Transformer Engine or Apex) it cannot describe an empty one; its own
+    remedy is one step with zero gradients, whose values the load then replaces."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(part, "_init_optimizer_states_with_dummy_values") and not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
 def _log0(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
@@ -288,6 +298,7 @@ class Checkpointer:
         if step_dir is None:
             return None
         notes = check_resume(self.cfg)
+        _initialise_state(self.optimizer)
         loaded = ckpt.load_sharded(self._state({}, loading=True), step_dir)
         self.model.load_state_dict(loaded["model"])
         self.optimizer.load_state_dict(loaded["optimizer"])

@@ -63,6 +63,12 @@ class DataConfig:
     skipped and counted (missing_image / undecodable_image) instead of failing mid-run."""
     seed: int = 1234
     """Seed of the per-epoch shuffle."""
+    eval_file: str = ""
+    """Validation set (JSONL or parquet; see docs/evaluation.md), scored every
+    trainer.eval_interval steps with the code of tools/evaluate.py; "": no validation."""
+    eval_preset: str = "default"
+    """Column layout of eval_file: default ({id, problem, answer[, options][, images]}) | mmmu |
+    mathvista | mathvision | zerobench | wemath."""
 
 
 @dataclass
@@ -87,6 +93,12 @@ class RolloutConfig:
     """> 0: multiply the policy loss by min(pi_old / pi_rollout, cap) per token (TIS)."""
     vllm_log_level: str = "WARNING"
     """Level of vLLM's own log, written to OUTPUT/vllm.log (never the console)."""
+    eval_samples: int = 1
+    """Validation: responses per question (avg@k / pass@k; > 1 needs eval_temperature > 0)."""
+    eval_temperature: float = 0.0
+    """Validation sampling temperature (0: greedy)."""
+    eval_max_new_tokens: int = 0
+    """Validation response budget (0: rollout.max_new_tokens, which bounds it)."""
 
 
 @dataclass
@@ -134,6 +146,10 @@ class OptimConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     """Clip the global gradient norm (all TP/PP/DP shards) to this; 0 disables clipping."""
+    distributed: str = "auto"
+    """Shard the optimizer's state over data-parallel ranks (Megatron's distributed optimizer):
+    auto (on GPU; CPU runs keep the plain optimizer, whose resume is bitwise exact there) | true |
+    false."""
 
 
 @dataclass
@@ -161,6 +177,13 @@ class TrainerConfig:
     answer format first). Uses the RL optimizer at `warmup_sft_lr`; its moments are reset after."""
     warmup_sft_lr: float = 1e-3
     tensorboard: bool = True
+    eval_interval: int = 0
+    """Score data.eval_file every this many steps (0: never); metrics `eval/...`."""
+    dump_credit_interval: int = 0
+    """Every this many steps, write a few samples' per-token credit and Delta to
+    OUTPUT/credit/step_N.jsonl (tools/credit_heatmap.py draws them); 0: never."""
+    dump_credit_samples: int = 4
+    """Correct and incorrect samples dumped each (per data-parallel rank)."""
     max_consecutive_nonfinite: int = 3
     """Steps whose loss or gradient norm is not finite are skipped (and counted); after this many
     in a row the run stops, leaving the last good checkpoint as it was."""
@@ -363,6 +386,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.recompute_num_layers must be >= 1")
     if t.max_tokens_per_microbatch < 0 or t.mini_batches_per_step < 1:
         raise ConfigError("trainer.max_tokens_per_microbatch must be >= 0 (0: off) and trainer.mini_batches_per_step >= 1")
+    if t.eval_interval < 0 or t.dump_credit_interval < 0 or t.dump_credit_samples < 1:
+        raise ConfigError("trainer.eval_interval and dump_credit_interval must be >= 0 and dump_credit_samples >= 1")
+    if t.eval_interval and not cfg.data.eval_file:
+        raise ConfigError("trainer.eval_interval is set but data.eval_file is empty; name a validation file")
+    if cfg.data.eval_file and not Path(cfg.data.eval_file).is_file():
+        raise ConfigError(f"data.eval_file {cfg.data.eval_file} not found")
+    if r.eval_max_new_tokens > r.max_new_tokens:
+        raise ConfigError(f"rollout.eval_max_new_tokens={r.eval_max_new_tokens} exceeds rollout.max_new_tokens="
+                          f"{r.max_new_tokens} (the engine's length budget); lower it or raise max_new_tokens")  # fmt: skip
+    if cfg.optim.distributed not in ("auto", "true", "false"):
+        raise ConfigError(f"optim.distributed must be auto, true or false, got {cfg.optim.distributed!r}")
     if cfg.model.transformer_impl not in ("auto", "te", "local"):
         raise ConfigError(f"model.transformer_impl must be auto, te or local, got {cfg.model.transformer_impl!r}")
     if cfg.model.params_dtype not in ("float32", "bfloat16"):

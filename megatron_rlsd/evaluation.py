@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rlsd.data.dataset import (
-    PromptRow, SkipRow, _check_image, _iter_jsonl, _iter_parquet, image_sources, row_id, text_field,
+    PromptRow, SkipRow, check_image, iter_jsonl, iter_parquet, image_sources, row_id, text_field,
 )  # fmt: skip
 from megatron_rlsd.rewards import RewardConfig, check_answer, extract_answer, normalize_answer, score_response
 
@@ -272,7 +272,7 @@ def _image_items(record: dict, layout: Layout, base: Path) -> list[str | bytes]:
 def _check_image_item(image: str | bytes) -> str | None:
     """None if the image opens and verifies, else the skip reason (reads, decodes no pixels)."""
     if isinstance(image, str):
-        return _check_image(image)
+        return check_image(image)
     from PIL import Image
 
     try:
@@ -304,7 +304,7 @@ def load_benchmark(path: str | Path, layout: Layout, name: str | None = None,
         raise EvalDataError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        records, columns = _iter_jsonl(path), None
+        records, columns = iter_jsonl(path), None
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -313,7 +313,7 @@ def load_benchmark(path: str | Path, layout: Layout, name: str | None = None,
         except Exception as e:  # pyarrow's errors for a file that is not parquet
             raise EvalDataError(f"{path}: not a readable parquet file ({e})") from None
         _check_columns(path, layout, columns)
-        records = _iter_parquet(path, layout.columns())
+        records = iter_parquet(path, layout.columns())
     else:
         raise EvalDataError(f"{path}: unsupported format {suffix!r}; use .jsonl or .parquet")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_model_fits(cfg, world_size)
         check_resume(cfg)
+        check_memory_plan(cfg, world_size)
     except ConfigError as e:
         return config_error(e)
 
@@ -63,6 +65,24 @@ def main(argv: list[str] | None = None) -> int:
             components.engine.close()
         destroy_distributed()
     return 0
+
+
+def check_memory_plan(cfg, world_size: int) -> None:
+    """On GPU, refuse a run whose memory plan (tools/plan_memory.py) cannot fit, naming the knob to
+    turn, before anything is allocated. CPU runs have no such budget."""
+    import torch
+
+    from megatron_rlsd.config import ConfigError
+    from megatron_rlsd.memory_plan import check
+    from megatron_rlsd.platform import select_platform
+
+    if select_platform().is_cpu or not (Path(cfg.model.hf_dir) / "config.json").is_file():
+        return
+    total = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+    try:
+        check(cfg, world_size, total)
+    except ValueError as e:
+        raise ConfigError(f"memory plan: {e} (tools/plan_memory.py prints every term)") from None
 
 
 if __name__ == "__main__":

@@ -185,7 +185,11 @@ class Trainer:
         self.offloader.for_rollout()
         with t("sync"):
             self.sync_weights()
-        return self.step_metrics(samples, acc, update_metrics, t.times)
+        evaluated = {}
+        if self.cfg.trainer.eval_interval and self.step % self.cfg.trainer.eval_interval == 0:
+            with t("eval"):
+                evaluated = self.evaluate()
+        return self.step_metrics(samples, acc, update_metrics | evaluated, t.times)
 
     # ----------------------------------------------------------------------------- stages
     def next_prompts(self):
@@ -307,12 +311,14 @@ class Trainer:
         minis = self.mini_batches(batch)
         old = self.score_student(batch) if len(minis) > 1 else None  # else: from the update's own forward
         slices = [self.local_batch(samples, dp_rank) for dp_rank in range(ps.get_data_parallel_world_size())]
+        interval = self.cfg.trainer.dump_credit_interval
+        captured = [] if interval and (self.step + 1) % interval == 0 else None  # credit of the first mini-batch
         norms, applied = [], []
         for j, rows in enumerate(minis):
             # the normalisation counts the j-th mini-batch of every data-parallel rank
             everyone = [sl[i] for sl in slices for i in self.mini_batches(sl)[j]]
-            mbs, loss_fn = self.update_inputs([batch[i] for i in rows], self.mode.denominator(everyone),
-                                              _pick(old, rows), _pick(teacher, rows), acc)  # fmt: skip
+            mbs, loss_fn = self.update_inputs([batch[i] for i in rows], self.mode.denominator(everyone), _pick(old, rows),
+                                              _pick(teacher, rows), acc, capture=captured if j == 0 else None)  # fmt: skip
             reports, result = update(self.c.model, self.c.optimizer, mbs, loss_fn)
             if self.owns_metrics:
                 for r in reports:
@@ -324,11 +330,32 @@ class Trainer:
             self._count_nonfinite(result.applied, result.grad_norm)
             norms.append(result.grad_norm)
             applied.append(result.applied)
+        if captured is not None:
+            self.dump_credit([batch[i] for i in minis[0]], captured)
         return {"grad_norm": float(np.mean(norms)), "update_ok": all(applied), "nonfinite_skipped": self.nonfinite_skipped}
 
-    def update_inputs(self, batch: list[Sample], denominator: float, old: dict | None, teacher: dict | None, acc: Accumulator):
+    def dump_credit(self, batch: list[Sample], captured: list) -> None:
+        """Collective: a few samples' per-token credit and Delta (what the loss used) written by
+        rank 0 to OUTPUT/credit/step_N.jsonl, for tools/credit_heatmap.py."""
+        from megatron_rlsd.credit_dump import credit_dump_path, credit_rows, write_credit_dump
+
+        rows = []
+        if captured and self.owns_metrics:
+            groups = [mb_rows.tolist() for mb_rows, *_ in captured]
+            credit, delta, mask = (gather_rows([c[k] for c in captured], groups, len(batch)) if captured[0][k] is not None
+                                   else None for k in (1, 2, 3))  # fmt: skip
+            rows = credit_rows(self.step + 1, batch, credit, delta, mask, self.c.tokenizer, self.cfg.trainer.dump_credit_samples)
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, rows)
+        rows = [row for part in everyone for row in part]
+        if dist.get_rank() == 0 and rows:
+            write_credit_dump(credit_dump_path(self.cfg.trainer.output_dir, self.step + 1), rows)
+
+    def update_inputs(self, batch: list[Sample], denominator: float, old: dict | None, teacher: dict | None,
+                      acc: Accumulator, capture: list | None = None):  # fmt: skip
         """One optimizer step's micro-batches (host tensors, plus what the last stage computed on
-        the device) and its loss function `loss_fn(logits, micro_batch) -> (loss, report)`."""
+        the device) and its loss function `loss_fn(logits, micro_batch) -> (loss, report)`.
+        `capture`: receives each micro-batch's (rows, credit, Delta, mask) for a credit dump."""
         groups = self._groups(batch, teacher=False)
         useful, computed = padding_efficiency(batch, groups)
         acc.add_mean("padding_efficiency", useful / computed, computed)
@@ -347,6 +374,9 @@ class Trainer:
             old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()  # one step per batch: old = current
             teacher_logp = mb.get("teacher_logp", old_logp)
             credit, credit_metrics = self.mode.token_credit(step, mb["adv"], old_logp, teacher_logp, valid)
+            if capture is not None and credit is not None:
+                delta = (teacher_logp - old_logp).detach() if "teacher_logp" in mb else None
+                capture.append((mb["rows"], credit.detach(), delta, valid))
             top = None
             if "teacher_topk_ids" in mb:
                 top = TeacherTopk(mb["teacher_topk_ids"], mb["teacher_topk_logp"], mb.get("teacher_topk_tail"))
@@ -383,6 +413,23 @@ class Trainer:
     def sync_weights(self) -> None:
         buckets = iter_hf_buckets(self.module, self.c.shape, self.cfg.rollout.weight_bucket_mb << 20)
         self.c.engine.update_weights(buckets)
+
+    def evaluate(self) -> dict:
+        """Validation: the engines (awake, holding the policy just synced) answer data.eval_file
+        with the code of tools/evaluate.py; every engine takes a share. Returns the `eval/...`
+        metrics (rank 0; {} elsewhere)."""
+        from megatron_rlsd.evaluation import EvalSampling, evaluate_rows, gather_records, shard_rows, summarize, summary_metrics
+
+        r = self.cfg.rollout
+        per_engine = r.vllm_tensor_parallel_size
+        engine, leader = divmod(dist.get_rank(), per_engine)
+        sampling = EvalSampling(samples=r.eval_samples, temperature=r.eval_temperature, top_p=1.0, seed=self.cfg.trainer.seed,
+                                max_new_tokens=r.eval_max_new_tokens or r.max_new_tokens,
+                                max_prompt_tokens=self.cfg.data.max_prompt_tokens)  # fmt: skip
+        rows = shard_rows(self.c.eval_rows, engine, dist.get_world_size() // per_engine)
+        records, _ = evaluate_rows(self.c.engine, rows, self.c.templates, self.c.encoder, sampling, reward_cfg=self.cfg.reward)
+        everyone = gather_records(records if leader == 0 else [])  # an engine's other ranks hold copies
+        return summary_metrics(summarize(everyone)) if dist.get_rank() == 0 else {}
 
     # ----------------------------------------------------------------------------- metrics
     def step_metrics(self, samples: list[Sample], acc: Accumulator, update_metrics: dict, times: dict) -> dict:

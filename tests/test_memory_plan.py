@@ -353,3 +353,30 @@ def _measure(recompute: str) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(REPO))
     print(json.dumps(_measure(sys.argv[1])))
+
+
+def test_the_trainer_refuses_a_plan_that_cannot_fit_on_gpu(tmp_path, monkeypatch):
+    """train.py's start-up guard: on a GPU whose memory the plan exceeds, one config error naming
+    the phase and the knob, before anything is allocated; on CPU no check."""
+    import shutil
+    import types
+
+    import torch
+
+    from megatron_rlsd import platform, train
+    from megatron_rlsd.config import ConfigError, load_config
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    shutil.copy(REPO / "examples/model_configs/qwen3-8b/config.json", hf / "config.json")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": "1", "problem": "p", "answer": "2"}\n')
+    cfg = load_config("examples/qwen3_8b_rlsd.yaml", [f"model.hf_dir={hf}", f"data.train_file={data}", "model.recompute=none",
+                                                     "trainer.max_tokens_per_microbatch=0", "trainer.micro_batch_size=8"])  # fmt: skip
+    train.check_memory_plan(cfg, 32)  # CPU here: nothing to check
+    monkeypatch.setattr(platform, "select_platform", lambda force_cpu=None: platform.Platform("cuda", "nccl"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(total_memory=80 << 30))
+    with pytest.raises(ConfigError, match=r"memory plan: update does not fit: .* GiB > 80\.00 GiB; set .*model\.recompute"):
+        train.check_memory_plan(cfg, 32)
+    shipped = load_config("examples/qwen3_8b_rlsd.yaml", [f"model.hf_dir={hf}", f"data.train_file={data}"])
+    train.check_memory_plan(shipped, 32)  # the recipe as shipped fits

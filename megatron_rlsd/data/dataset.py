@@ -68,7 +68,7 @@ class SkipRow(Exception):
         self.reason = reason
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     """(1-based line number, parsed object or SkipRow) per non-blank line."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
@@ -80,7 +80,7 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, SkipRow("bad_json")
 
 
-def _iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
+def iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
     """(0-based row index, dict) per row, read batch by batch."""
     import pyarrow.parquet as pq
 
@@ -151,7 +151,7 @@ def _images_field(value: Any, base: Path) -> list[str]:
     return images
 
 
-def _check_image(image: str) -> str | None:
+def check_image(image: str) -> str | None:
     """``None`` if a local image file exists and PIL can verify it, else the skip reason."""
     if "://" in image:
         return None  # a URL: not checked at load time
@@ -200,9 +200,9 @@ def load_prompt_rows(
     solution_column = mapping["solution"] if mapping["solution"] not in {mapping[f] for f in FIELDS if f != "solution"} else None
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        records, where = _iter_jsonl(path), "line"
+        records, where = iter_jsonl(path), "line"
     elif suffix == ".parquet":
-        records, where = _iter_parquet(path, list(mapping.values())), "row"
+        records, where = iter_parquet(path, list(mapping.values())), "row"
     else:
         raise ValueError(f"{path}: unsupported data format {suffix!r}; use .jsonl or .parquet")
 
@@ -226,7 +226,7 @@ def load_prompt_rows(
             if check_images:
                 for image in images:
                     if image not in image_status:
-                        image_status[image] = _check_image(image)
+                        image_status[image] = check_image(image)
                     if image_status[image] is not None:
                         raise SkipRow(image_status[image])
         except SkipRow as skip:

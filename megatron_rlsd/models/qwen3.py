@@ -121,7 +121,7 @@ class TorchNorm:
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
         kinds = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
-        norm = kinds[config.normalization](hidden_size, eps=eps)
+        norm = kinds[config.normalization](hidden_size, eps=eps, dtype=config.params_dtype)  # bf16 like the rest
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
