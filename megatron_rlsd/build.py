@@ -56,6 +56,21 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
             set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
+def use_distributed_optimizer(choice: bool | None, platform: Platform) -> bool:
+    """optim.distributed: Megatron's distributed optimizer (state sharded over DP ranks) with
+    Transformer Engine's or Apex's Adam; Megatron-Core 0.16 cannot reload its checkpoints with
+    torch's Adam (the per-parameter `step` torch keeps is missing from the saved state), so
+    there the plain optimizer is used (auto) or the choice refused. auto: on GPU only."""
+    from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE
+
+    if choice is None:
+        return HAVE_APEX_OR_TE and not platform.is_cpu
+    if choice and not HAVE_APEX_OR_TE:
+        raise ConfigError("optim.distributed=true needs Transformer Engine's or Apex's Adam (with torch's Adam, "
+                          "Megatron-Core 0.16 cannot reload the distributed optimizer's checkpoints); set it to false")  # fmt: skip
+    return choice
+
+
 def build_model(cfg: Config, platform: Platform, hf_config: dict):
     """This rank's pipeline stage with the initial weights (HF folder or model.init_checkpoint),
     wrapped in Megatron's DDP. Returns (model, shape)."""
@@ -81,7 +96,7 @@ def build_model(cfg: Config, platform: Platform, hf_config: dict):
         ckpt.load_model_weights(model, cfg.model.init_checkpoint)
     else:
         load_hf_into_stage(model, cfg.model.hf_dir, shape)
-    distributed = {"auto": not platform.is_cpu, "true": True, "false": False}[cfg.optim.distributed]
+    distributed = use_distributed_optimizer(cfg.optim.distributed, platform)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=distributed)  # fmt: skip
     model = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
@@ -135,7 +150,7 @@ def load_eval_rows(data_cfg) -> list:
     if data_cfg.eval_preset not in PRESETS:
         raise ConfigError(f"data.eval_preset must be one of {', '.join(PRESETS)}, got {data_cfg.eval_preset!r}")
     try:
-        rows, skipped = load_benchmark(data_cfg.eval_file, PRESETS[data_cfg.eval_preset], name="eval")
+        rows, skipped = load_benchmark(data_cfg.eval_file, PRESETS[data_cfg.eval_preset])  # named after the file
     except EvalDataError as e:
         raise ConfigError(f"data.eval_file {e}") from None
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -77,6 +77,7 @@ Everything else may change on resume, and each change is logged (`resume: FIELD 
   trainer.warmup_sft_*."""
 
 _PATH_FIELDS = {"data.train_file", "data.student_template", "data.teacher_template"}
+_OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 # HF config.json keys that do not describe the architecture
 _HF_CONFIG_NOISE = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache"}
 
@@ -191,16 +192,6 @@ def _detach(sharded_state_dict: dict) -> dict:
     return dict_list_map_inplace(detach, sharded_state_dict)
 
 
-def _initialise_state(optimizer) -> None:
-    """Give a fresh (never stepped) optimizer its state before a checkpoint is loaded into it.
-    Megatron's distributed optimizer describes its state from the state it holds, and with
-    torch's Adam (no Transformer Engine or Apex) it cannot describe an empty one; its own
-    remedy is one step with zero gradients, whose values the load then replaces."""
-    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(part, "_init_optimizer_states_with_dummy_values") and not part.optimizer.state:
-            part._init_optimizer_states_with_dummy_values()
-
-
 def _log0(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
@@ -245,7 +236,10 @@ class Checkpointer:
     # ----------------------------------------------------------------------------- save
     def _state(self, trainer_state: dict | None, loading: bool) -> dict:
         model_sd = self.model.sharded_state_dict()
-        state = {"model": model_sd, "optimizer": self.optimizer.sharded_state_dict(model_sd, is_loading=loading)}
+        # the distributed optimizer's state in a layout-independent form, so a checkpoint resumes
+        # at any TP/PP/DP (its default format is refused by the torch_dist writer)
+        optimizer_sd = self.optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIMIZER_FORMAT)
+        state = {"model": model_sd, "optimizer": optimizer_sd}
         if trainer_state is not None:
             state["trainer"] = trainer_state | {"layout": _layout()}
         return state
@@ -298,7 +292,6 @@ class Checkpointer:
         if step_dir is None:
             return None
         notes = check_resume(self.cfg)
-        _initialise_state(self.optimizer)
         loaded = ckpt.load_sharded(self._state({}, loading=True), step_dir)
         self.model.load_state_dict(loaded["model"])
         self.optimizer.load_state_dict(loaded["optimizer"])

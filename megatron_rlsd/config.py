@@ -146,10 +146,10 @@ class OptimConfig:
     adam_beta2: float = 0.999
     grad_clip: float = 1.0
     """Clip the global gradient norm (all TP/PP/DP shards) to this; 0 disables clipping."""
-    distributed: str = "auto"
+    distributed: bool | None = None
     """Shard the optimizer's state over data-parallel ranks (Megatron's distributed optimizer):
-    auto (on GPU; CPU runs keep the plain optimizer, whose resume is bitwise exact there) | true |
-    false."""
+    true | false | null (auto: on GPU with Transformer Engine's or Apex's Adam; the plain
+    optimizer otherwise)."""
 
 
 @dataclass
@@ -395,8 +395,6 @@ def validate(cfg: Config) -> None:
     if r.eval_max_new_tokens > r.max_new_tokens:
         raise ConfigError(f"rollout.eval_max_new_tokens={r.eval_max_new_tokens} exceeds rollout.max_new_tokens="
                           f"{r.max_new_tokens} (the engine's length budget); lower it or raise max_new_tokens")  # fmt: skip
-    if cfg.optim.distributed not in ("auto", "true", "false"):
-        raise ConfigError(f"optim.distributed must be auto, true or false, got {cfg.optim.distributed!r}")
     if cfg.model.transformer_impl not in ("auto", "te", "local"):
         raise ConfigError(f"model.transformer_impl must be auto, te or local, got {cfg.model.transformer_impl!r}")
     if cfg.model.params_dtype not in ("float32", "bfloat16"):

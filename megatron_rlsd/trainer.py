@@ -390,7 +390,11 @@ class Trainer:
             report = {"loss": loss.detach(), "tokens": valid.sum(), "logp_maxdiff": gap.max(),
                       "entropy": _masked_mean(entropy.detach(), valid), "train_rollout_logp_diff": _masked_mean(gap, valid)}  # fmt: skip
             if "teacher_logp" in mb:
-                report["teacher_student_gap"] = _masked_mean(teacher_logp - old_logp, valid)
+                delta = teacher_logp - old_logp  # Delta_t of the sampled tokens
+                report["teacher_student_gap"] = _masked_mean(delta, valid)
+                report["teacher_student_abs_gap"] = _masked_mean(delta.abs(), valid)
+                # KL(student || teacher) estimated on the student's own samples (k3: exp(D) - 1 - D >= 0)
+                report["teacher_student_kl"] = _masked_mean(torch.expm1(delta) - delta, valid)
             return loss, report | credit_metrics | {f"pg_{k}": v.detach() for k, v in metrics.items()}
 
         return mbs, loss_fn
@@ -444,6 +448,12 @@ class Trainer:
             "truncated": float(np.mean([s.finish_reason == "length" for s in samples])),
             "response_len": float(np.mean([len(s.response) for s in samples])),
         }
+        # throughput of the whole world: tokens generated per second of rollout, tokens
+        # (prompt + response) trained per second of the update
+        generated = sum(len(s.response) for s in samples)
+        trained = sum(len(s.student_prompt) + len(s.response) for s in samples)
+        m["rollout_tokens_per_s"] = generated / times["rollout"] if times.get("rollout") else 0.0
+        m["train_tokens_per_s"] = trained / times["update"] if times.get("update") else 0.0
         m |= acc.reduce() | update_metrics
         return m | {f"time_{k}": round(v, 3) for k, v in times.items()}
 

@@ -55,5 +55,4 @@ def test_one_step_is_the_same_at_every_layout(tmp_path):
     bf16 = report["bf16_warm_start"]
     assert bf16["dtype"] == "torch.bfloat16" and bf16["warm_start_moved_weights"] and bf16["grad_norm"] > 0
     assert bf16["lr0_step_kept_warm_weights"], "the RL optimizer's main weights were stale after the warm start"
-    # a checkpoint of the distributed optimizer (GPU's default) loads into a fresh optimizer
-    assert report["distributed_optimizer_resume"] == {"step": 1, "weights_equal": True, "moments_restored": True}
+

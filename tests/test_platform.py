@@ -76,3 +76,21 @@ def test_transformer_impl_is_chosen_explicitly_and_never_falls_back(monkeypatch)
             use_transformer_engine(impl, gpu)
     monkeypatch.setattr(qwen3, "transformer_engine_import_error", lambda: None)
     assert use_transformer_engine("auto", gpu) is True and use_transformer_engine("te", gpu) is True
+
+
+def test_distributed_optimizer_only_with_an_adam_whose_checkpoints_reload(monkeypatch):
+    """optim.distributed: auto is the distributed optimizer on GPU with Transformer Engine's or
+    Apex's Adam, the plain one otherwise; forcing it on with torch's Adam is refused."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    from megatron_rlsd.build import use_distributed_optimizer
+    from megatron_rlsd.config import ConfigError
+
+    cpu, gpu = plat.Platform("cpu", "gloo"), plat.Platform("cuda", "nccl")
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", True)
+    assert use_distributed_optimizer(None, gpu) is True and use_distributed_optimizer(None, cpu) is False
+    assert use_distributed_optimizer(False, gpu) is False
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", False)  # torch's Adam
+    assert use_distributed_optimizer(None, gpu) is False
+    with pytest.raises(ConfigError, match="optim.distributed=true needs Transformer Engine's or Apex's Adam"):
+        use_distributed_optimizer(True, gpu)

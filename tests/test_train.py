@@ -47,12 +47,16 @@ def test_every_loss_mode_trains_and_faults_are_handled(tmp_path):
     torchrun("tests/workers/loss_modes.py", str(tmp_path / "report.json"),
              *small_run(tmp_path, "trainer.warmup_sft_steps=20", "trainer.prompts_per_step=8", "rollout.max_new_tokens=24",
                         "rollout.temperature=0.7", "optim.weight_decay=0", "rollout.truncated_is_cap=2.0",
-                        "rollout.weight_bucket_mb=1"))  # fmt: skip
+                        "rollout.weight_bucket_mb=1", "offload.grads=true", "offload.optimizer=true"))  # fmt: skip
     report = json.loads((tmp_path / "report.json").read_text())
     print(json.dumps(report))
     # sampling at T = 0.7: the engines' log-probs are Megatron's after the sync (both tempered)
     assert report["temperature"] == 0.7
     assert report["plain_step"]["train_rollout_logp_maxdiff"] <= 1e-5, report["plain_step"]
+    # memory changes hands in this order (GPU: vLLM sleeps at level 2 after generating; grads and
+    # optimizer state leave before the push wakes the engine's weights, then its KV cache)
+    assert report["phase_order"] == ["generate", "sleep", "for_training", "step_with_ready_grads", "for_rollout",
+                                     "update_weights"], report["phase_order"]  # fmt: skip
     b = report["buckets"]
     assert b["count_per_sync"] > 2 and b["max_bytes"] <= b["cap"], b  # weight_bucket_mb=1 splits the sync
     assert set(report["modes"]) == {"rlsd", "grpo", "opsd", "grpo_opsd", "sdpo"}
@@ -118,10 +122,29 @@ def test_cli_run_exports_and_resumes_after_a_stop_signal(tmp_path):
 def test_embedded_default_raises_reward(tmp_path):
     """The embedded default as `tools/run_default.sh` runs it (seeded: 100 supervised steps, then
     40 RLSD steps at TP2PP2), with correct gradient norms: the reward rises."""
+    from megatron_rlsd.credit_dump import read_credit_dump
+    from megatron_rlsd.data.synthetic import make_synthetic_rows, write_jsonl
+
     out = tmp_path / "default"
+    held_out = write_jsonl(make_synthetic_rows(24, seed=99), tmp_path / "heldout.jsonl")  # validation, another seed
     proc = train(f"trainer.output_dir={out}", f"model.hf_dir={out / 'tiny_qwen3'}", f"data.train_file={out / 'add.jsonl'}",
-                 "trainer.save_interval=0")  # fmt: skip
+                 "trainer.save_interval=0", f"data.eval_file={held_out}", "trainer.eval_interval=20",
+                 "trainer.dump_credit_interval=20")  # fmt: skip
     rows = metrics(out)
+    # validation through the engines every 20 steps; credit dumps of the same steps
+    evaluated = {r["step"]: r["eval/heldout/accuracy"] for r in rows if "eval/heldout/accuracy" in r}
+    print("validation accuracy:", evaluated)
+    assert sorted(evaluated) == [20, 40] and all(0 <= a <= 1 for a in evaluated.values())
+    assert all(r["eval/heldout/n"] == 24 for r in rows if "eval/heldout/n" in r)
+    for step in (20, 40):
+        dump = read_credit_dump(out / "credit" / f"step_{step:07d}.jsonl")
+        assert dump and {d.correct for d in dump} == {True, False} and all(d.step == step for d in dump), dump
+        for d in dump:  # RLSD's credit has the sign of the sequence advantage, Delta beside it
+            assert len(d.tokens) == len(d.credit) == len(d.delta) > 0
+            assert all(c * d.advantage >= 0 for c in d.credit), d
+    for r in rows:  # throughput and the teacher-student statistics are logged every step
+        assert r["rollout_tokens_per_s"] > 0 and r["train_tokens_per_s"] > 0, r
+        assert r["teacher_student_kl"] >= 0 and r["teacher_student_abs_gap"] >= abs(r["teacher_student_gap"]), r
     rewards = [r["reward"] for r in rows]
     start, end = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10
     print(f"reward first-5 mean {start:.3f}, last-10 mean {end:.3f}: {[round(r, 3) for r in rewards]}")
@@ -132,6 +155,7 @@ def test_embedded_default_raises_reward(tmp_path):
     console = proc.stdout.splitlines()
     assert sum(line.startswith("step ") for line in console) == 40, console
     assert len(console) <= 40 + 15, "\n".join(console)
+    print("console:", len(console), "lines")
 
 
 def _config_error(tmp_path, *overrides, world_size="4"):

@@ -171,23 +171,6 @@ def main(report_path, hf_dir, data, out):
         "lr0_step_kept_warm_weights": all(torch.equal(a, b.detach()) for a, b in zip(warmed, final)),
         "grad_norm": after_rl["grad_norm"],
     }
-    # the distributed optimizer (sharded over the 4 data-parallel ranks, as on GPU): a checkpoint
-    # loads into a fresh process's optimizer, which holds no state yet
-    cfg = config(hf_dir, data, out, 1, 1, "optim.distributed=true", f"trainer.output_dir={out}/distopt")
-    trainer = Trainer(cfg, build(cfg, platform, with_engine=False))
-    trainer.checkpointer.prepare_output_dir()
-    one_step(trainer, fixed_batch(trainer))
-    trainer.step = 1
-    trainer.save_checkpoint()
-    saved = [p.detach().clone() for p in trainer.module.parameters()]
-    fresh = Trainer(cfg, build(cfg, platform, with_engine=False))
-    state = fresh.checkpointer.load()
-    loaded = [p.detach() for p in fresh.module.parameters()]
-    report["distributed_optimizer_resume"] = {
-        "step": state["step"], "weights_equal": all(torch.equal(a, b) for a, b in zip(saved, loaded)),
-        "moments_restored": all(bool(s) for part in getattr(fresh.c.optimizer, "chained_optimizers", [fresh.c.optimizer])
-                                for s in part.optimizer.state.values()),
-    }  # fmt: skip
     if dist.get_rank() == 0:
         Path(report_path).write_text(json.dumps(report, indent=1))
     ps.destroy_model_parallel()

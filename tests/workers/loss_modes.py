@@ -2,7 +2,8 @@
 
 1. One plain RLSD step at rollout temperature 0.7: the engines' log-probs of their samples must
    equal Megatron's after the weight sync (train_rollout_logp_maxdiff), every weight-sync bucket
-   must respect rollout.weight_bucket_mb.
+   must respect rollout.weight_bucket_mb, and memory changes hands in order (rollouts, engine
+   asleep, training state back, the update, training state out, the weight push).
 2. One step per loss mode on a batch that is known to contain a correct response in every group
    (sample 0 of each group is replaced by the row's reference solution before rewards are
    computed): losses finite and non-zero, gradient norm > 0, and with Adam's moments reset and
@@ -33,6 +34,21 @@ from megatron_rlsd.parallel import all_reduce_scalar, init_distributed  # noqa: 
 from megatron_rlsd.trainer import Trainer  # noqa: E402
 
 MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo")
+
+
+def record_calls(targets) -> list[str]:
+    """Wrap the named methods of each object to record the order of the calls."""
+    events = []
+    for obj, names in targets:
+        for name in names:
+            original = getattr(obj, name)
+
+            def recorded(*args, _name=name, _original=original, **kwargs):
+                events.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(obj, name, recorded)
+    return events
 
 
 def weights(trainer):
@@ -82,7 +98,11 @@ def main(report_path, *overrides):
     trainer.c.engine.update_weights = recording_sync
     trainer.start()  # warm start, first sync
     report = {"temperature": trainer.temperature, "modes": {}, "teacher": []}
+    events = record_calls([(trainer.c.engine, ("generate", "sleep", "update_weights")),
+                           (trainer.offloader, ("for_rollout", "for_training")),
+                           (trainer.c.optimizer, ("step_with_ready_grads",))])  # fmt: skip
     row = trainer.train_step()
+    report["phase_order"] = events
     report["plain_step"] = {k: row[k] for k in ("train_rollout_logp_maxdiff", "train_rollout_logp_diff", "reward", "grad_norm")}
     report["buckets"] = {"count_per_sync": len(buckets) // 2, "max_bytes": max(buckets), "cap": cfg.rollout.weight_bucket_mb << 20}
 
