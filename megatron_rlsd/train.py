@@ -24,8 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=20")
     args = parser.parse_args(argv)
 
-    from megatron_rlsd.checkpointer import check_resume
-    from megatron_rlsd.config import ConfigError, check_model_fits, load_config
+    from megatron_rlsd.config import ConfigError, check_model_fits
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -35,10 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
-        cfg = load_config(args.config, args.overrides)
-        check_model_fits(cfg, world_size)
-        check_resume(cfg)
-        check_memory_plan(cfg, world_size)
+        cfg = checked_config(args.config, args.overrides, world_size)
     except ConfigError as e:
         return config_error(e)
 
@@ -65,6 +61,19 @@ def main(argv: list[str] | None = None) -> int:
             components.engine.close()
         destroy_distributed()
     return 0
+
+
+def checked_config(path: str, overrides: list[str], world_size: int):
+    """The run's config, validated as far as it can be before anything starts: its fields, the
+    model against the layout, the checkpoint it would resume, the memory plan. Raises ConfigError."""
+    from megatron_rlsd.checkpointer import check_resume
+    from megatron_rlsd.config import check_model_fits, load_config
+
+    cfg = load_config(path, overrides)
+    check_model_fits(cfg, world_size)
+    check_resume(cfg)
+    check_memory_plan(cfg, world_size)
+    return cfg
 
 
 def check_memory_plan(cfg, world_size: int) -> None:

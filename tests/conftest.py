@@ -17,15 +17,47 @@ sys.path.insert(0, str(REPO))
 from megatron_rlsd.parallel import free_port  # noqa: E402  (after the path: the checkout's package)
 
 
+# The converters run inside the test process through their `main(argv)`: the same code, exit code
+# and output as `python tools/<tool>.py`, without a fresh interpreter's ~8 s Megatron import per call.
+IN_PROCESS_TOOLS = ("convert_hf_to_megatron", "convert_megatron_to_hf")
+
+
 def run_tool(tool: str, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python tools/<tool>.py args...` as a user would; returns the finished process."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / f"{tool}.py"), *args],
-        capture_output=True, text=True, timeout=timeout, cwd=REPO,
-    )  # fmt: skip
+    if tool in IN_PROCESS_TOOLS:
+        proc = _run_tool_in_process(tool, args)
+    else:
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tools" / f"{tool}.py"), *args],
+            capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return proc
+
+
+def _run_tool_in_process(tool: str, args: tuple[str, ...]) -> subprocess.CompletedProcess:
+    import contextlib
+    import importlib.util
+    import io
+
+    spec = importlib.util.spec_from_file_location(f"_tool_{tool}", REPO / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(REPO / "tools"))  # the tool's `import _bootstrap`
+    env = dict(os.environ)  # a one-process group sets RANK, MASTER_PORT, ...: not for later launches
+    stdout, stderr = io.StringIO(), io.StringIO()
+    try:
+        spec.loader.exec_module(module)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            try:
+                code = module.main(list(args))
+            except SystemExit as e:  # argparse
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess([tool, *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def torchrun(script: str, *args: str, nproc: int = 4, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -39,6 +71,22 @@ def torchrun(script: str, *args: str, nproc: int = 4, timeout: int = 600) -> sub
     if proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def write_worst_over_ranks(rec: dict, group, rank: int, world: int, out_path: str) -> None:
+    """Collective: every rank's {check: difference} merged by maximum, written by rank 0 as JSON."""
+    import torch.distributed as dist
+
+    gathered = [None] * world
+    dist.all_gather_object(gathered, rec, group=group)
+    if rank == 0:
+        merged = {}
+        for r in gathered:
+            for k, v in r.items():
+                merged[k] = max(merged.get(k, 0.0), v)
+        with open(out_path, "w") as f:
+            json.dump(merged, f, indent=1, sort_keys=True)
+    dist.barrier(group=group)
 
 
 def megatron_parity(tmp_path: Path, models: dict, micro_batches: list[dict], layouts, reshard_layouts) -> dict:

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
+from conftest import free_port, write_worst_over_ranks
 
 from megatron_rlsd.algorithms.advantages import group_advantages
 from megatron_rlsd.algorithms.loss_modes import LOSS_MODES
@@ -543,16 +543,7 @@ def _tp_worker(rank, world, port, out_path):
         group = dist.new_group(list(range(world)))
         rec = {}
         run_divergence_checks(group, rank, world, rec)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rec, group=group)
-        if rank == 0:
-            merged = {}
-            for r in gathered:
-                for k, v in r.items():
-                    merged[k] = max(merged.get(k, 0.0), v)
-            with open(out_path, "w") as f:
-                json.dump(merged, f, indent=1, sort_keys=True)
-        dist.barrier(group=group)
+        write_worst_over_ranks(rec, group, rank, world, out_path)
     finally:
         dist.destroy_process_group()
 

@@ -306,7 +306,6 @@ def _measure(recompute: str) -> dict:
     from megatron_rlsd.models.forward import forward_backward
     from megatron_rlsd.models.registry import build_pipeline_stage
     from megatron_rlsd.parallel import ParallelConfig, init_distributed, seed_model_parallel_rng
-    from megatron_rlsd.rollout.samples import response_logits
 
     platform = init_distributed(ParallelConfig())
     seed_model_parallel_rng(0)
@@ -326,7 +325,8 @@ def _measure(recompute: str) -> dict:
         return {"tokens": tokens, "resp_pos": torch.arange(seq).expand(rows, seq), "resp_ids": tokens}
 
     def loss_fn(logits, mb):
-        return -vocab_parallel_logprobs(response_logits(logits, mb["resp_pos"]), mb["resp_ids"]).mean(), {}
+        # the model computed logits at `resp_pos` only (every position here)
+        return -vocab_parallel_logprobs(logits, mb["resp_ids"]).mean(), {}
 
     page, statm = os.sysconf("SC_PAGE_SIZE"), open("/proc/self/statm")
 

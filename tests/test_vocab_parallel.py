@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
+from conftest import free_port, write_worst_over_ranks
 
 from megatron_rlsd.algorithms.vocab_parallel import (
     vocab_parallel_entropy,
@@ -223,16 +223,7 @@ def _tp_worker(rank, world, port, out_path):
         rec1 = {}
         run_all_checks(singletons[rank], 0, 1, rec1, configs=((3.0, 0.7, (SMALL_CHUNK,), True, ATOL),))
 
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rec, group=group)
-        if rank == 0:
-            merged = {}
-            for r in gathered:
-                for k, v in r.items():
-                    merged[k] = max(merged.get(k, 0.0), v)
-            with open(out_path, "w") as f:
-                json.dump(merged, f, indent=1, sort_keys=True)
-        dist.barrier(group=group)
+        write_worst_over_ranks(rec, group, rank, world, out_path)
     finally:
         dist.destroy_process_group()
 

@@ -591,7 +591,7 @@ def write_inputs(work: Path, shape_name: str, size: RunSize, dtype, device, torc
     weights) and the synthetic rows. Returns (hf_dir, rows_file, vocab_size)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from megatron_rlsd.checkpoint.safetensors_io import ShardedSafetensorsWriter
+    from megatron_rlsd.checkpoint.safetensors_io import PlannedSafetensorsWriter
     from megatron_rlsd.data.synthetic import make_synthetic_rows, write_jsonl
     from megatron_rlsd.models.tiny import IM_END, PAD_TOKEN, VOCAB_MULTIPLE, build_tiny_tokenizer
 
@@ -613,15 +613,15 @@ def write_inputs(work: Path, shape_name: str, size: RunSize, dtype, device, torc
         names = {name: tuple(p.shape) for name, p in Qwen3ForCausalLM(config).named_parameters()}
     if config.tie_word_embeddings:
         names.pop("lm_head.weight", None)
-    writer = ShardedSafetensorsWriter(hf_dir, max_shard_bytes=2 << 30)
+    groups = [[(name, dtype, shp)] for name, shp in names.items()]
     gen = torch.Generator(device=device).manual_seed(1234)
-    for name, shp in names.items():
-        if len(shp) == 1:  # RMSNorm weights
-            t = torch.ones(shp, dtype=dtype, device=device)
-        else:
-            t = torch.randn(shp, generator=gen, device=device).mul_(config.initializer_range).to(dtype)
-        writer.add(name, t.cpu())
-    writer.close()
+    with PlannedSafetensorsWriter(hf_dir, groups, max_shard_bytes=2 << 30) as writer:
+        for name, shp in names.items():
+            if len(shp) == 1:  # RMSNorm weights
+                t = torch.ones(shp, dtype=dtype, device=device)
+            else:
+                t = torch.randn(shp, generator=gen, device=device).mul_(config.initializer_range).to(dtype)
+            writer.tensor(name).copy_(t.cpu())
     rows = make_synthetic_rows(size.prompts * size.steps, seed=7, task="add")
     rows_file = write_jsonl(rows, work / "add.jsonl")
     return hf_dir, rows_file, vocab

@@ -16,6 +16,7 @@
     torchrun --nproc-per-node 4 tests/workers/loss_modes.py REPORT.json [config overrides...]
 """
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -102,9 +103,13 @@ def main(report_path, *overrides):
                            (trainer.offloader, ("for_rollout", "for_training")),
                            (trainer.c.optimizer, ("step_with_ready_grads",))])  # fmt: skip
     row = trainer.train_step()
-    report["phase_order"] = events
+    report["phase_order"] = list(events)  # the recording goes on
     report["plain_step"] = {k: row[k] for k in ("train_rollout_logp_maxdiff", "train_rollout_logp_diff", "reward", "grad_norm")}
     report["buckets"] = {"count_per_sync": len(buckets) // 2, "max_bytes": max(buckets), "cap": cfg.rollout.weight_bucket_mb << 20}
+    # the per-mode checks read the gradients after the step: keep the grad buffers (and optimizer
+    # state) in place from here on (offloaded grads have no storage)
+    trainer.offloader.for_training()
+    trainer.offloader.cfg = dataclasses.replace(cfg.offload, grads=False, optimizer=False)
 
     for mode in MODES:
         cfg.algorithm.loss_mode = mode
