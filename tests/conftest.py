@@ -19,6 +19,7 @@ from megatron_rlsd.parallel import free_port  # noqa: E402  (after the path: the
 
 # The converters run inside the test process through their `main(argv)`: the same code, exit code
 # and output as `python tools/<tool>.py`, without a fresh interpreter's ~8 s Megatron import per call.
+# Like the tools themselves, this applies the CPU layer (megatron_rlsd/platform.py) to this process.
 IN_PROCESS_TOOLS = ("convert_hf_to_megatron", "convert_megatron_to_hf")
 
 

@@ -1,7 +1,12 @@
-"""Platform selection, the CPU layer's guards, and parallel-layout validation (in-process)."""
+"""Platform selection, the CPU layer's guards (in a fresh process), and parallel-layout validation."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from megatron_rlsd import platform as plat
 from megatron_rlsd.models.qwen3 import Qwen3Shape
@@ -16,19 +21,30 @@ def test_select_platform_picks_gloo_without_cuda(monkeypatch):
     assert plat.select_platform(force_cpu=True).backend == "gloo"
 
 
-def test_cpu_layer_refuses_cuda_machines_and_other_mcore_versions(monkeypatch):
-    if plat.cpu_layer_applied():
-        pytest.fail("an earlier test applied the CPU layer in the pytest process")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(RuntimeError, match="without CUDA"):
-        plat.apply_cpu_layer()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    from megatron.core import package_info
+# Run in a fresh interpreter: the conversion tools run inside the pytest process (tests/conftest.py:
+# run_tool) and apply the CPU layer there, as the trainer does in its own processes.
+_REFUSALS = """
+import pytest, torch
+from megatron.core import package_info
+from megatron_rlsd import platform as plat
 
-    monkeypatch.setattr(package_info, "__version__", "0.17.0")
-    with pytest.raises(RuntimeError, match=r"supports megatron-core 0\.16\.x, found 0\.17\.0"):
-        plat.apply_cpu_layer()
-    assert not plat.cpu_layer_applied()
+assert not plat.cpu_layer_applied()
+torch.cuda.is_available = lambda: True
+with pytest.raises(RuntimeError, match="without CUDA"):
+    plat.apply_cpu_layer()
+torch.cuda.is_available = lambda: False
+package_info.__version__ = "0.17.0"
+with pytest.raises(RuntimeError, match=r"supports megatron-core 0\\.16\\.x, found 0\\.17\\.0"):
+    plat.apply_cpu_layer()
+assert not plat.cpu_layer_applied()
+print("refused both")
+"""
+
+
+def test_cpu_layer_refuses_cuda_machines_and_other_mcore_versions():
+    proc = subprocess.run([sys.executable, "-c", _REFUSALS], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=dict(os.environ, PYTHONWARNINGS="ignore"))  # fmt: skip
+    assert proc.returncode == 0 and "refused both" in proc.stdout, proc.stderr[-3000:]
 
 
 def test_parallel_config_validation():
