@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_rlsd.data.dataset import (
-    PromptRow, SkipRow, check_image, iter_jsonl, iter_parquet, image_sources, row_id, text_field,
+    PromptRow, SkipRow, as_object, check_image, iter_jsonl, iter_parquet, image_sources, row_id, text_field,
 )  # fmt: skip
 from megatron_rlsd.rewards import RewardConfig, check_answer, extract_answer, normalize_answer, score_response
 
@@ -326,10 +326,7 @@ def load_benchmark(path: str | Path, layout: Layout, name: str | None = None,
         count += 1
         label = default_id
         try:
-            if isinstance(record, SkipRow):
-                raise record
-            if not isinstance(record, dict):
-                raise SkipRow("not_an_object")
+            record = as_object(record)
             seen.update(record)
             label = row_id(record.get(layout.id), default_id) if layout.id else default_id
             question = text_field(record.get(layout.question), "question")

@@ -94,6 +94,15 @@ def iter_parquet(path: Path, columns: list[str]) -> Iterator[tuple[int, Any]]:
 
 
 # ------------------------------------------------------------------ fields (shared with tools/)
+def as_object(record: Any) -> dict:
+    """A reader's record (`iter_jsonl` / `iter_parquet`) as a dict, or the SkipRow that says why not."""
+    if isinstance(record, SkipRow):
+        raise record
+    if not isinstance(record, dict):
+        raise SkipRow("not_an_object")
+    return record
+
+
 def row_id(raw: Any, default: str) -> str:
     """A row's id as text, or ``default`` when it has none (absent, blank, a list or an object)."""
     if raw is None or isinstance(raw, (dict, list)) or not str(raw).strip():
@@ -213,10 +222,7 @@ def load_prompt_rows(
         default_id = f"{path.stem}:{n}"
         rid = default_id
         try:
-            if isinstance(record, SkipRow):
-                raise record
-            if not isinstance(record, dict):
-                raise SkipRow("not_an_object")
+            record = as_object(record)
             rid = row_id(record.get(mapping["id"]), default_id)
             problem = text_field(record.get(mapping["problem"]), "problem")
             answer = text_field(record.get(mapping["answer"]), "answer").strip()
