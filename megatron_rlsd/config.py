@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from megatron_rlsd.algorithms.loss_modes import LOSS_MODES
+from megatron_rlsd.leakage import DEFAULT_LEAKAGE_PATTERNS, LeakageDetector
 from megatron_rlsd.parallel import ParallelConfig
 from megatron_rlsd.rewards import RewardConfig
 
@@ -104,9 +105,22 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     loss_mode: str = "rlsd"
-    """One of megatron_rlsd.algorithms.LOSS_MODES: rlsd | grpo | opsd | grpo_opsd | sdpo."""
+    """One of megatron_rlsd.algorithms.LOSS_MODES: rlsd | grpo | opsd | grpo_opsd | sdpo | rlrt |
+    antisd | egrsd (docs/algorithm.md)."""
     eps_w: float = 0.2
-    """RLSD: the evidence weight exp(sign(A) * Delta) is clipped to [1 - eps_w, 1 + eps_w]."""
+    """RLSD / RLRT / EGRSD: the evidence weight exp(sign(A) * Delta) is clipped to
+    [1 - eps_w, 1 + eps_w] (RLRT: its reversed weight; eps_w = 1 allowed there)."""
+    negative_only: bool = False
+    """RLSD: reweight only rejected rollouts (A < 0); accepted ones keep A on every token."""
+    antisd_lambda_max: float = 0.5
+    """AntiSD: the weight of its term while the entropy gate is open."""
+    antisd_warmup_steps: int = 5
+    """AntiSD: steps at lambda = 0 whose median teacher entropy calibrates the gate."""
+    antisd_ratio_down: float = 0.93
+    """AntiSD: the gate closes when the median teacher entropy falls below this share of the
+    warm-up's, and reopens at the warm-up's."""
+    egrsd_floor: float = 0.1
+    """EGRSD: lower bound of the teacher-entropy confidence gate on every token's reweighting."""
     lambda_init: float = 0.5
     """RLSD: mixing coefficient between uniform and reweighted credit at the start."""
     lambda_decay_steps: int = 50
@@ -136,6 +150,10 @@ class AlgorithmConfig:
     """opsd / grpo_opsd / sdpo: the teacher's distribution is kept as its top-k tokens plus a tail
     bucket (SDPO's top-k + tail; k log-probs per token instead of the vocabulary); 0 keeps the
     full distribution (exact; memory B x R x V per rank)."""
+    opsd_context: str = "solution"
+    """opsd / grpo_opsd: the teacher's privileged context. solution: the row's reference solution
+    (a reasoning trace, as the RLSD paper ran OPSD; rows without one fall back to the answer,
+    counted as `opsd_context_fallback`) | answer: the bare reference answer (RLSD's context)."""
 
 
 @dataclass
@@ -184,6 +202,9 @@ class TrainerConfig:
     OUTPUT/credit/step_N.jsonl (tools/credit_heatmap.py draws them); 0: never."""
     dump_credit_samples: int = 4
     """Correct and incorrect samples dumped each (per data-parallel rank)."""
+    leakage_patterns: list[str] = field(default_factory=lambda: list(DEFAULT_LEAKAGE_PATTERNS))
+    """Case-insensitive regular expressions; a response matching one refers to a reference it
+    never saw (metric `leakage`: the step's share of such responses). [] turns it off."""
     max_consecutive_nonfinite: int = 3
     """Steps whose loss or gradient norm is not finite are skipped (and counted); after this many
     in a row the run stops, leaving the last good checkpoint as it was."""
@@ -292,6 +313,11 @@ def _coerce(value, typ, where: str):
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{where} must be a string, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -358,8 +384,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
     if r.vllm_tensor_parallel_size < 1:
         raise ConfigError(f"rollout.vllm_tensor_parallel_size must be >= 1, got {r.vllm_tensor_parallel_size}")
-    if not 0 < a.eps_w < 1:
-        raise ConfigError(f"algorithm.eps_w must be in (0, 1), got {a.eps_w}")
+    if not (0 < a.eps_w <= 1 if a.loss_mode == "rlrt" else 0 < a.eps_w < 1):
+        raise ConfigError(f"algorithm.eps_w must be in (0, 1) (rlrt: (0, 1]), got {a.eps_w}")
+    if a.antisd_lambda_max < 0 or a.antisd_warmup_steps < 1 or not 0 < a.antisd_ratio_down < 1:
+        raise ConfigError("algorithm.antisd_lambda_max must be >= 0, antisd_warmup_steps >= 1 and antisd_ratio_down in (0, 1)")
+    if not 0 < a.egrsd_floor <= 1:
+        raise ConfigError(f"algorithm.egrsd_floor must be in (0, 1], got {a.egrsd_floor}")
     if not 0 <= a.lambda_init <= 1:
         raise ConfigError(f"algorithm.lambda_init must be in [0, 1], got {a.lambda_init}")
     if a.lambda_decay_steps < 0 or a.lambda_warmup_steps < 0:
@@ -372,6 +402,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"algorithm.loss_agg must be token_mean or seq_mean_token_mean, got {a.loss_agg!r}")
     if a.opsd_divergence not in ("jsd", "forward_kl", "reverse_kl"):
         raise ConfigError(f"algorithm.opsd_divergence must be jsd, forward_kl or reverse_kl, got {a.opsd_divergence!r}")
+    if a.opsd_context not in ("solution", "answer"):
+        raise ConfigError(f"algorithm.opsd_context must be solution or answer, got {a.opsd_context!r}")
+    try:
+        LeakageDetector(t.leakage_patterns)
+    except ValueError as e:
+        raise ConfigError(f"trainer.leakage_patterns: {e}") from None
     if a.distill_topk < 0:
         raise ConfigError(f"algorithm.distill_topk must be >= 0 (0: the full distribution), got {a.distill_topk}")
     if a.dual_clip and a.dual_clip <= 1:

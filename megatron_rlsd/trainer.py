@@ -23,6 +23,7 @@ or owns (build.py, checkpointer.py, metrics.py).
 
 from __future__ import annotations
 
+import math
 import signal
 
 import numpy as np
@@ -39,6 +40,7 @@ from megatron_rlsd.config import Config
 from megatron_rlsd.data import EpochSampler
 from megatron_rlsd.data.vision import load_image
 from megatron_rlsd.fault_injection import FaultInjector
+from megatron_rlsd.leakage import LeakageDetector
 from megatron_rlsd.metrics import Accumulator, MetricsLogger, StageTimer
 from megatron_rlsd.models.forward import forward_only
 from megatron_rlsd.offload import Offloader
@@ -73,9 +75,11 @@ class Trainer:
                                       on_host=cfg.offload.teacher)  # fmt: skip
         self.offloader = Offloader(cfg.offload, components.model, components.optimizer)
         self.faults = FaultInjector(cfg.test_faults)
+        self.leakage = LeakageDetector(cfg.trainer.leakage_patterns)
         self.checkpointer = Checkpointer(cfg, self.module, components.optimizer, self.teacher, self.faults,
                                          cuda_rng=not components.platform.is_cpu)  # fmt: skip
         self.tp_group = ps.get_tensor_model_parallel_group()
+        self.tp_size = ps.get_tensor_model_parallel_world_size()
         self.temperature = cfg.rollout.temperature
         self.step = 0  # optimizer steps taken
         self.nonfinite_skipped = 0  # steps whose update was skipped, in total
@@ -97,13 +101,15 @@ class Trainer:
         """What a checkpoint must hold besides the model, optimizer, teacher weights and RNG
         states (lambda's schedule and the rollout seeds derive from the step)."""
         return {"step": self.step, "sampler": self.sampler.state_dict(), "teacher": self.teacher.state_dict(),
-                "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row}  # fmt: skip
+                "nonfinite_skipped": self.nonfinite_skipped, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "loss_mode": self.mode.state_dict()}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.teacher.load_state_dict(state["teacher"])
         self.nonfinite_skipped, self.nonfinite_in_a_row = state["nonfinite_skipped"], state["nonfinite_in_a_row"]
+        self.mode.load_state_dict(state.get("loss_mode", {}))
 
     def save_checkpoint(self) -> None:
         self.checkpointer.save(self.step, self.state_dict())
@@ -178,6 +184,8 @@ class Trainer:
         batch = self.local_batch(samples)
         with t("teacher"):
             teacher = self.score_teacher(batch)
+            if self.mode.entropy_gate:
+                self.mode.begin_step(self.teacher_entropy_median(batch, teacher))
         with t("update"):
             update_metrics = self.policy_update(batch, samples, teacher, acc)
         self.step += 1
@@ -208,7 +216,9 @@ class Trainer:
             # and the engine; the processor's pixels feed Megatron
             decoded.append([load_image(p) for p in row.images])
             sp, vision = c.encoder.encode(c.templates.student_messages(row), decoded[gi])
-            tp = c.encoder.encode(c.templates.teacher_messages(row), decoded[gi])[0] if self.mode.teacher_pass else []
+            tp = []
+            if self.mode.teacher_pass:
+                tp = c.encoder.encode(c.templates.teacher_messages(row, self.mode.privileged_context(row)), decoded[gi])[0]
             samples += [Sample(row=row, group=gi, student_prompt=sp, teacher_prompt=tp, vision=vision) for _ in range(g)]
         per_engine = r.vllm_tensor_parallel_size
         engine, leader = divmod(dist.get_rank(), per_engine)
@@ -291,7 +301,12 @@ class Trainer:
         k = self.cfg.algorithm.distill_topk
 
         def compute(rl, mb):
-            out = {"logp": self._logprobs(rl, mb)}
+            if self.mode.teacher_entropy:
+                logp, entropy = vocab_parallel_logprobs_and_entropy(rl, mb["resp_ids"], tp_group=self.tp_group,
+                                                                    temperature=self.temperature)  # fmt: skip
+                out = {"logp": logp, "entropy": entropy}
+            else:
+                out = {"logp": self._logprobs(rl, mb)}
             if self.mode.teacher_logits and k:
                 top = teacher_topk(rl, k, tp_group=self.tp_group, temperature=self.temperature)
                 out |= {"topk_ids": top.ids, "topk_logp": top.logp} | ({"topk_tail": top.tail} if top.tail is not None else {})
@@ -301,6 +316,30 @@ class Trainer:
 
         with self.teacher.swapped_in():
             return self._forward_scores(batch, teacher=True, compute=compute)
+
+    def teacher_entropy_median(self, batch: list[Sample], teacher: dict | None) -> float:
+        """The median of the teacher's entropy over every response token of the global batch, on
+        every rank (collectives: the last stage's data-parallel group gathers its ranks' tokens on
+        the model's device; then a world max on the backend's device hands the value to every
+        stage)."""
+        value = -math.inf
+        if teacher is not None:  # the last pipeline stage
+            lengths = torch.tensor([len(s.response) for s in batch], device=teacher["entropy"].device)
+            valid = torch.arange(teacher["entropy"].shape[1], device=lengths.device) < lengths.unsqueeze(1)
+            mine = teacher["entropy"][valid].double()
+            group = ps.get_data_parallel_group()
+            width = int(all_reduce_scalar(mine.numel(), dist.ReduceOp.MAX))
+            padded = torch.full((max(1, width),), math.nan, dtype=torch.float64, device=mine.device)
+            padded[: mine.numel()] = mine
+            parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(parts, padded, group=group)
+            everyone = torch.cat(parts)
+            everyone = everyone[~everyone.isnan()]
+            # quantile(0.5) averages the two middle values (torch.median would take the lower one)
+            value = float(everyone.quantile(0.5)) if everyone.numel() else 0.0
+        else:
+            all_reduce_scalar(0, dist.ReduceOp.MAX)  # the last stage's width reduction
+        return all_reduce_scalar(value, dist.ReduceOp.MAX)
 
     def mini_batches(self, batch: list[Sample]) -> list[list[int]]:
         """A rank's slice split into trainer.mini_batches_per_step optimizer steps."""
@@ -362,6 +401,7 @@ class Trainer:
         width = max(1, max(len(s.response) for s in batch))
         extra = {"in_loss": torch.tensor([self.mode.in_loss(s) for s in batch]),
                  "adv": torch.tensor([s.advantage for s in batch], dtype=torch.float32),
+                 "correct": torch.tensor([s.correct for s in batch]),
                  "rollout_logp": pad_lists([s.rollout_logprobs for s in batch], width)}  # fmt: skip
         extra |= {f"old_{k}": v for k, v in (old or {}).items()} | {f"teacher_{k}": v for k, v in (teacher or {}).items()}
         mbs = micro_batches(batch, groups, teacher=False, pad_id=self.c.tokenizer.pad_token_id, extra=extra)
@@ -373,7 +413,9 @@ class Trainer:
             valid = mb["mask"]
             old_logp = mb["old_logp"] if "old_logp" in mb else logp.detach()  # one step per batch: old = current
             teacher_logp = mb.get("teacher_logp", old_logp)
-            credit, credit_metrics = self.mode.token_credit(step, mb["adv"], old_logp, teacher_logp, valid)
+            credit, credit_metrics = self.mode.token_credit(
+                step, mb["adv"], old_logp, teacher_logp, valid, correct=mb["correct"],
+                teacher_entropy=mb.get("teacher_entropy"), vocab_size=rl.shape[-1] * self.tp_size)  # fmt: skip
             if capture is not None and credit is not None:
                 delta = (teacher_logp - old_logp).detach() if "teacher_logp" in mb else None
                 capture.append((mb["rows"], credit.detach(), delta, valid))
@@ -452,6 +494,10 @@ class Trainer:
         # (prompt + response) trained per second of the update
         generated = sum(len(s.response) for s in samples)
         trained = sum(len(s.student_prompt) + len(s.response) for s in samples)
+        m["leakage"] = self.leakage.share([s.text for s in samples])
+        fallback = [self.mode.context_fallback(s.row) for s in samples]
+        if fallback and fallback[0] is not None:
+            m["opsd_context_fallback"] = float(np.mean(fallback))
         m["rollout_tokens_per_s"] = generated / times["rollout"] if times.get("rollout") else 0.0
         m["train_tokens_per_s"] = trained / times["update"] if times.get("update") else 0.0
         m |= acc.reduce() | update_metrics

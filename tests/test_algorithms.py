@@ -407,16 +407,17 @@ def test_loss_mode_table():
     from megatron_rlsd.config import AlgorithmConfig
     from megatron_rlsd.algorithms import make_loss_mode
 
-    assert list(LOSS_MODES) == ["rlsd", "grpo", "opsd", "grpo_opsd", "sdpo"]
-    needs = {name: (m.teacher_pass, m.teacher_logits) for name, m in LOSS_MODES.items()}
-    assert needs == {"rlsd": (True, False), "grpo": (False, False), "opsd": (True, True),
-                     "grpo_opsd": (True, True), "sdpo": (True, True)}  # fmt: skip
+    assert list(LOSS_MODES) == ["rlsd", "grpo", "opsd", "grpo_opsd", "sdpo", "rlrt", "antisd", "egrsd"]
+    needs = {name: (m.teacher_pass, m.teacher_logits, m.teacher_entropy) for name, m in LOSS_MODES.items()}
+    assert needs == {"rlsd": (True, False, False), "grpo": (False, False, False), "opsd": (True, True, False),
+                     "grpo_opsd": (True, True, False), "sdpo": (True, True, False), "rlrt": (True, False, False),
+                     "antisd": (True, False, True), "egrsd": (True, False, True)}  # fmt: skip
     adv = torch.tensor([1.0, -1.0])
     lp = torch.zeros(2, 3)
     mask = torch.ones(2, 3, dtype=torch.bool)
     for name in LOSS_MODES:
         mode = make_loss_mode(AlgorithmConfig(loss_mode=name))
-        credit, _ = mode.token_credit(1, adv, lp, lp + 0.1, mask)
+        credit, _ = mode.token_credit(1, adv, lp, lp + 0.1, mask, correct=adv > 0, teacher_entropy=lp, vocab_size=8)
         if name in ("opsd", "sdpo"):
             assert credit is None
         else:  # Delta = 0.1 < log(1.2): no clipping, |credit| > |A| for A > 0 only under rlsd

@@ -1,5 +1,6 @@
 """The trainer's components in-process: teacher weights (live, snapshot, EMA), the loss modes'
-own decisions (SDPO's privileged context and normalisation), fault injection."""
+own decisions (SDPO's privileged context and normalisation, OPSD's reference-solution context),
+the leakage detector, fault injection."""
 
 import math
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from megatron_rlsd.algorithms.losses import sdpo_token_divergence, teacher_topk
 from megatron_rlsd.config import AlgorithmConfig, FaultInjectionConfig
 from megatron_rlsd.data import PromptRow, PromptTemplates
 from megatron_rlsd.fault_injection import FaultInjector
+from megatron_rlsd.leakage import LeakageDetector
 from megatron_rlsd.rollout.samples import Sample
 from megatron_rlsd.teacher import TeacherWeights
 
@@ -127,3 +129,43 @@ def test_denominator_is_global_over_the_batch(agg, expected):
     mode = make_loss_mode(AlgorithmConfig(loss_mode="grpo", loss_agg=agg))
     samples = [SimpleNamespace(response=[1] * 4), SimpleNamespace(response=[1] * 5), SimpleNamespace(response=[])]
     assert mode.denominator(samples) == expected
+
+
+def test_opsd_teacher_reads_the_reference_solution_and_falls_back_to_the_answer():
+    with_trace = PromptRow(id="a", problem="2+2?", answer="4", solution="<thought>2 and 2 make 4</thought><answer>4</answer>")
+    bare = PromptRow(id="b", problem="3+3?", answer="6")
+    templates = PromptTemplates()
+    for name in ("opsd", "grpo_opsd"):
+        mode = make_loss_mode(AlgorithmConfig(loss_mode=name))
+        assert mode.privileged_context(with_trace) == with_trace.solution and not mode.context_fallback(with_trace)
+        assert mode.privileged_context(bare) == "6" and mode.context_fallback(bare)
+        text = templates.teacher_text(with_trace, mode.privileged_context(with_trace))
+        assert "Here is a reference solution:\n<thought>2 and 2 make 4</thought>" in text
+        answer_only = make_loss_mode(AlgorithmConfig(loss_mode=name, opsd_context="answer"))
+        assert answer_only.privileged_context(with_trace) == "4" and answer_only.context_fallback(with_trace) is None
+    rlsd = make_loss_mode(AlgorithmConfig(loss_mode="rlsd"))  # RLSD's context is only ever the answer
+    assert rlsd.privileged_context(with_trace) == "4" and rlsd.context_fallback(with_trace) is None
+
+
+def test_leakage_detector_on_planted_responses():
+    leaks = [
+        "Given that the reference solution uses 9 values, the mean is 5.",  # the paper's examples
+        "But wait, the reference solution says 'No', so the answer is No.",
+        "According to the provided solution, x = 3.",
+        "The given answer is 12, which matches.",
+        "As the REFERENCE ANSWER states, 7.",
+    ]
+    clean = [
+        "<thought>3 + 4 = 7</thought><answer>7</answer>",
+        "The answer is 7 because 3 and 4 make 7.",
+        "Let me find a solution: x = 2 solves it.",
+        "",
+    ]
+    d = LeakageDetector()
+    assert [d.refers(t) for t in leaks] == [True] * 5 and [d.refers(t) for t in clean] == [False] * 4
+    assert d.share(leaks[:1] + clean[:3]) == 0.25 and d.share([]) == 0.0
+    assert LeakageDetector([]).share(leaks) == 0.0  # [] turns it off
+    custom = LeakageDetector([r"\bhint\b"])
+    assert custom.refers("Using the hint, 5") and not custom.refers(leaks[0])
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        LeakageDetector(["(unclosed"])

@@ -28,6 +28,20 @@ def test_overrides_and_types(tmp_path, tiny_qwen3):
         load_config("examples/tiny_cpu.yaml", base + ["algorithm.teacher_ema_rate=1.0"])
     with pytest.raises(ConfigError, match="demo.tiny_model must be"):
         load_config("examples/tiny_cpu.yaml", base + ["demo.tiny_model=big"])
+    # the credit family's options
+    with pytest.raises(ConfigError, match=r"eps_w must be in \(0, 1\) \(rlrt: \(0, 1\]\)"):
+        load_config("examples/tiny_cpu.yaml", base + ["algorithm.eps_w=1.0"])
+    assert load_config("examples/tiny_cpu.yaml", base + ["algorithm.loss_mode=rlrt", "algorithm.eps_w=1.0"]).algorithm.eps_w == 1.0
+    for bad, message in (("algorithm.antisd_warmup_steps=0", "antisd_warmup_steps >= 1"),
+                         ("algorithm.egrsd_floor=0", "egrsd_floor must be in"),
+                         ("algorithm.opsd_context=trace", "opsd_context must be solution or answer"),
+                         ("trainer.leakage_patterns=['(x']", "leakage_patterns: leakage pattern '\\(x' is not a valid"),
+                         ("trainer.leakage_patterns=reference", "trainer.leakage_patterns must be a list")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            load_config("examples/tiny_cpu.yaml", base + [bad])
+    cfg = load_config("examples/tiny_cpu.yaml", base + ["trainer.leakage_patterns=['hint', 'peek']"])
+    assert cfg.trainer.leakage_patterns == ["hint", "peek"] and load_config(
+        "examples/tiny_cpu.yaml", base + ["trainer.leakage_patterns=[]"]).trainer.leakage_patterns == []
 
 
 @pytest.mark.parametrize("recipe", ["qwen3vl_8b_rlsd", "qwen3_8b_rlsd"])

@@ -23,7 +23,7 @@ def test_every_tensor_reaching_the_model_or_the_loss_is_on_the_models_device(tmp
     torchrun("tests/workers/device_seam.py", str(tmp_path / "report.json"), str(hf), str(data), str(tmp_path / "out"), nproc=1)
     report = json.loads((tmp_path / "report.json").read_text())
     print(json.dumps(report))
-    assert set(report) == {"rlsd", "grpo", "opsd", "grpo_opsd", "sdpo"}
+    assert set(report) == {"rlsd", "grpo", "opsd", "grpo_opsd", "sdpo", "rlrt", "antisd", "egrsd"}
     for mode, r in report.items():
         # scores, credit, losses and metric partials all on the model's device ...
         assert r["devices"] == ["meta"] and r["n_tensors"] >= 20, (mode, r)

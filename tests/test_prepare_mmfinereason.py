@@ -61,10 +61,15 @@ COLUMNS = {"image": [], "question": [], "answer": [], "ori_question": [], "origi
            "consistency_analysis": [], "source": [], "id": []}  # fmt: skip
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
+def trace(answer):
+    return f"<think>Count, then check: {answer}.</think> <answer>{answer}</answer>"
+
+
+# the reasoning trace becomes the row's solution; Euclid30K:6 has none (null in the fixture)
 EXPECTED_ROWS = [
-    {"id": "MMR1:0", "problem": "How many apples are there?", "answer": "3", "images": ["A"]},
-    {"id": "BMMR:0", "problem": "Which option is right?", "answer": "C", "images": ["A"]},
-    {"id": "Euclid30K:3", "problem": "Compute the area.", "answer": "12", "images": ["C"]},
+    {"id": "MMR1:0", "problem": "How many apples are there?", "answer": "3", "images": ["A"], "solution": trace("3")},
+    {"id": "BMMR:0", "problem": "Which option is right?", "answer": "C", "images": ["A"], "solution": trace("C")},
+    {"id": "Euclid30K:3", "problem": "Compute the area.", "answer": "12", "images": ["C"], "solution": trace("12")},
     {"id": "Euclid30K:6", "problem": "Same picture again?", "answer": "yes", "images": ["A"]},
 ]
 EXPECTED_SKIPS = {"empty_answer": 1, "undecodable_image": 2, "missing_problem": 1, "missing_answer": 1,
@@ -80,7 +85,7 @@ def table(rows) -> pa.Table:
         cols["ori_question"].append(question)
         cols["original_answer"].append(f"The answer is {answer}")
         cols["caption"].append("A picture.")
-        cols["qwen3vl_235b_thinking_response"].append(f"<think>...</think> <answer>{answer}</answer>")
+        cols["qwen3vl_235b_thinking_response"].append(None if (source, row_id) == ("Euclid30K", 6) else trace(answer))
         cols["pass_rate"].append(pass_rate)
         cols["is_consistent"].append(True)
         cols["consistency_analysis"].append("consistent")
@@ -127,6 +132,7 @@ def test_published_parquet_shards(published, tmp_path):
     assert stats["skipped"] == EXPECTED_SKIPS and stats["skipped_total"] == 6
     assert stats["rows_read"] == 10 and stats["rows_written"] == 4 and stats["filtered_out"] == 0
     assert stats["images_written"] == 2 and stats["image_refs"] == 4  # A stored once for three rows
+    assert stats["rows_without_solution"] == 1
     assert stats["input_format"] == "parquet" and len(stats["files"]) == 2 and stats["tool"] == "prepare_mmfinereason"
     # Images: A kept byte-for-byte (already PNG), C re-encoded to PNG; nothing else in images/.
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted([image_name(IMG_A), image_name(IMG_C)])
@@ -148,7 +154,7 @@ def test_published_parquet_shards(published, tmp_path):
     # The output loads back through the project's loader, images resolved and verified.
     loaded, skipped = load_prompt_rows(out / "train.jsonl", check_images=True)
     assert not skipped
-    assert loaded == [PromptRow(id=r["id"], problem=r["problem"], answer=r["answer"],
+    assert loaded == [PromptRow(id=r["id"], problem=r["problem"], answer=r["answer"], solution=r.get("solution", ""),
                                 images=[str(out / p) for p in r["images"]]) for r in expected()]  # fmt: skip
 
 
@@ -260,9 +266,12 @@ def test_save_to_disk_forms(tmp_path):
         ("saved_dict", ["--split", "train", "--reader", "arrow"]),
     ):
         out = tmp_path / f"out_{name}_{len(extra)}"
-        run_tool("prepare_mmfinereason", "--input", str(tmp_path / name), "--out", str(out), *extra)
+        proc = run_tool("prepare_mmfinereason", "--input", str(tmp_path / name), "--out", str(out), *extra)
         rows, stats = read_out(out)
-        assert rows == expected() and stats["skipped"] == EXPECTED_SKIPS, (name, extra)
+        # no reasoning-trace column in these copies: no solutions, said once
+        assert "no column 'qwen3vl_235b_thinking_response': rows get no reference solution" in proc.stderr
+        no_trace = [{k: v for k, v in r.items() if k != "solution"} for r in EXPECTED_ROWS]
+        assert rows == expected(no_trace) and stats["skipped"] == EXPECTED_SKIPS, (name, extra)
         assert stats["input_format"] == ("dataset_dict" if name == "saved_dict" else "dataset")
     proc = run_tool("prepare_mmfinereason", "--input", str(tmp_path / "saved_dict"), "--out", str(tmp_path / "x"),
                     "--split", "validation", check=False)  # fmt: skip

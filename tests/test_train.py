@@ -60,21 +60,34 @@ def test_every_loss_mode_trains_and_faults_are_handled(tmp_path):
                                      "update_weights"], report["phase_order"]  # fmt: skip
     b = report["buckets"]
     assert b["count_per_sync"] > 2 and b["max_bytes"] <= b["cap"], b  # weight_bucket_mb=1 splits the sync
-    assert set(report["modes"]) == {"rlsd", "grpo", "opsd", "grpo_opsd", "sdpo"}
+    assert set(report["modes"]) == {"rlsd", "grpo", "opsd", "grpo_opsd", "sdpo", "rlrt", "antisd", "egrsd"}
     for mode, r in report["modes"].items():
         assert r["update_ok"] and r["grad_norm"] > 0 and math.isfinite(r["loss"]) and r["loss"] != 0, (mode, r)
+        assert r["leakage"] == 1 / r["samples"], (mode, r)  # the one planted leak, on every rank's metrics
         assert r["accuracy"] > 0, (mode, r)  # the planted solutions are verified correct
         # Adam's first step with wd 0: every weight that moved, moved against its gradient
         assert r["moved"] > 0 and r["moved_with_gradient"] == 0 and r["dot"] < 0, (mode, r)
         if mode in ("rlsd", "grpo", "grpo_opsd"):  # TIS on: planted samples' rollout log-probs are 0
             assert 0 < r["pg_tis_weight"] < 1, (mode, r)
+    m = report["modes"]
+    # OPSD as the paper ran it: the teacher reads the reference solution (the rows all have one)
+    assert m["opsd"]["teacher_reads"] == ["solution", "answer"] and m["opsd"]["opsd_context_fallback"] == 0.0
+    assert "solution" not in m["rlsd"]["teacher_reads"] and m["rlsd"]["opsd_context_fallback"] is None
+    assert 0 < m["rlrt"]["reweighted"] < 1  # only correct rollouts are reweighted
+    assert m["antisd"]["lambda"] == 0.5 and m["antisd"]["gate_open"] == 1.0 and m["antisd"]["antisd_term"] != 0
+    assert 0 <= m["antisd"]["sign_flipped"] < 1
+    # AntiSD's gate input: the median teacher entropy over the global batch, the same on every rank
+    med = report["entropy_median"]
+    assert len(set(med["values"])) == 1 and abs(med["values"][0] - med["reference"]) <= 1e-9, med
+    assert m["egrsd"]["gated"] is not None and m["egrsd"]["clip_low"] + m["egrsd"]["clip_high"] > 0, m["egrsd"]
     # teacher snapshot refreshed every K=2 steps (the plain step was step 1)
     assert [(t["step"], t["age"], t["equals_policy"]) for t in report["teacher"]] == [
-        (2, 0, True), (3, 1, False), (4, 0, True), (5, 1, False), (6, 0, True)]  # fmt: skip
+        (2, 0, True), (3, 1, False), (4, 0, True), (5, 1, False), (6, 0, True), (7, 1, False), (8, 0, True),
+        (9, 1, False)]  # fmt: skip
     nan = report["nan"]
     assert nan["update_ok"] is False and nan["skipped"] == 1 and nan["weights_unchanged"]
     assert "2 consecutive steps had a non-finite loss or gradient; stopping" in nan["abort"]
-    assert nan["latest_is_last_good"] and nan["loaded_step"] == 6 and nan["loaded_weights_equal_saved"]
+    assert nan["latest_is_last_good"] and nan["loaded_step"] == 9 and nan["loaded_weights_equal_saved"]
 
 
 STEPS, STOP_AT = 15, 12  # CI runs the embedded default's first 15 RLSD steps, stopped once on the way

@@ -17,13 +17,18 @@ Published schema of MMFineReason-SFT-123K (the set RLSD trains on; the 586K rele
   id, source                      int64 id and the name of the source dataset it came from
   pass_rate                       Qwen3-VL-4B-Thinking pass rate; 0.0 marks the "hard" rows (all
                                   rows of the 123K release have 0.0)
-  original_answer, ori_question, caption, qwen3vl_235b_thinking_response, is_consistent,
+  qwen3vl_235b_thinking_response  the verified reasoning trace of Qwen3-VL-235B-A22B-Thinking:
+                                  written as the row's `solution` (OPSD's privileged context as
+                                  the RLSD paper ran it; --solution-column, '' to leave it out)
+  original_answer, ori_question, caption, is_consistent,
   consistency_analysis            not used here
 Every column name is a flag, so other releases (some configs of older ones name the answer
 `solution`) and renamed copies work too.
 
 DATA_DIR gets
-  train.jsonl   {"id", "problem", "answer", "images": ["images/<sha256>.png", ...]} per row
+  train.jsonl   {"id", "problem", "answer", "images": ["images/<sha256>.png", ...][, "solution"]} per
+                row ("solution" where the row has a non-blank one; rows_without_solution counts
+                the others)
                 (paths relative to DATA_DIR; megatron_rlsd.data.load_prompt_rows resolves them)
   images/       each distinct image once, named by the SHA-256 of its source bytes, so an image
                 shared by several rows is stored once
@@ -240,8 +245,8 @@ def row_id_of(record: dict, id_column: str, prefix_column: str, label: str, inde
     return rid
 
 
-def parse_fields(record: dict, args: argparse.Namespace, base: Path, stats: Counter) -> tuple[str, str, list[bytes]]:
-    """(problem, answer, image bytes) of one record; raises SkipRow."""
+def parse_fields(record: dict, args: argparse.Namespace, base: Path, stats: Counter) -> tuple[str, str, list[bytes], str]:
+    """(problem, answer, image bytes, solution or "") of one record; raises SkipRow."""
     problem = text_field(record.get(args.problem_column), "problem", numbers=False)
     answer = text_field(record.get(args.answer_column), "answer", blank="empty_answer").strip()
     blobs = image_items(record.get(args.image_column), base) if args.image_column else []
@@ -253,7 +258,9 @@ def parse_fields(record: dict, args: argparse.Namespace, base: Path, stats: Coun
         problem = problem.replace(args.image_placeholder, "").strip()
         if not problem:
             raise SkipRow("missing_problem")
-    return problem, answer, blobs
+    solution = record.get(args.solution_column) if args.solution_column else None
+    solution = solution.strip() if isinstance(solution, str) else ""
+    return problem, answer, blobs, solution
 
 
 def convert_image(digest: str, data: bytes, *, folder: Path, keep_format: bool) -> str | None:
@@ -360,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--problem-column", default="question", help="problem text column (default: question)")
     p.add_argument("--answer-column", default="answer", help="reference answer column (default: answer)")
     p.add_argument(
+        "--solution-column",
+        default="qwen3vl_235b_thinking_response",
+        help="reference solution (reasoning trace) column, written as `solution` (default: "
+        "qwen3vl_235b_thinking_response; '' or a missing column: none)",
+    )
+    p.add_argument(
         "--image-column",
         default="image",
         help="image column: Image struct or list of them (default: image; '' for text-only data)",
@@ -426,7 +439,7 @@ class Converter:
 
     def columns(self) -> list[str]:
         a = self.args
-        wanted = (a.problem_column, a.answer_column, a.image_column, self.id_column, self.prefix_column)
+        wanted = (a.problem_column, a.answer_column, a.image_column, a.solution_column, self.id_column, self.prefix_column)
         return list(dict.fromkeys(c for c in (*wanted, *(c for c, _ in a.filter)) if c))
 
     def done(self) -> bool:
@@ -453,19 +466,20 @@ class Converter:
                 self.write(*row)
 
     def parse(self, label: str, index: int, record: dict):
-        """(row id, problem, answer, image digests, index, image bytes), or None if filtered / skipped."""
+        """(row id, problem, answer, solution, image digests, index, image bytes), or None if filtered /
+        skipped."""
         self.stats["rows_read"] += 1
         row_id = row_id_of(record, self.id_column, self.prefix_column, label, index)
         if not all(matches(record.get(c), v) for c, v in self.args.filter):
             self.stats["filtered_out"] += 1
             return None
         try:
-            problem, answer, blobs = parse_fields(record, self.args, self.base, self.stats)
+            problem, answer, blobs, solution = parse_fields(record, self.args, self.base, self.stats)
         except SkipRow as skip:
             self.skip(skip.reason, row_id, label, index)
             return None
         digests = [hashlib.sha256(data).hexdigest() for data in blobs]
-        return row_id, problem, answer, digests, (label, index), blobs
+        return row_id, problem, answer, solution, digests, (label, index), blobs
 
     def decode_images(self, parsed: list) -> None:
         """Decode and write the images not seen before, in parallel, each distinct one once."""
@@ -478,7 +492,7 @@ class Converter:
         self.image_names.update(zip(new, names))
         self.stats["images_decoded"] += sum(self.image_names[d] is not None for d in new)
 
-    def write(self, row_id: str, problem: str, answer: str, digests: list[str], where, _blobs) -> None:
+    def write(self, row_id: str, problem: str, answer: str, solution: str, digests: list[str], where, _blobs) -> None:
         if any(self.image_names[d] is None for d in digests):
             self.skip("undecodable_image", row_id, *where)
             return
@@ -494,6 +508,9 @@ class Converter:
         self.stats["image_refs"] += len(names)
         self.stats["rows_without_images"] += not names
         line = {"id": row_id, "problem": problem, "answer": answer, "images": [f"images/{n}" for n in names]}
+        if solution:
+            line["solution"] = solution
+        self.stats["rows_without_solution"] += not solution
         self.jsonl.write(json.dumps(line, ensure_ascii=False) + "\n")
         self.stats["rows_written"] += 1
 
@@ -520,6 +537,9 @@ def run(args: argparse.Namespace) -> int:
     missing = [f"{flag} {col!r}" for flag, col in needed.items() if col not in source.columns]
     if missing:
         raise UsageError(f"{args.input}: column(s) not found: {', '.join(missing)}; columns are {source.columns}")
+    if args.solution_column and args.solution_column not in source.columns:
+        print(f"{TOOL}: no column {args.solution_column!r}: rows get no reference solution", file=sys.stderr)
+        args.solution_column = ""
 
     print(f"{TOOL}: reading {args.input}: {source.describe()}", file=sys.stderr, flush=True)
     start = time.monotonic()
@@ -581,7 +601,7 @@ def run(args: argparse.Namespace) -> int:
         "skipped": dict(sorted(skipped.items())),
         "skipped_total": sum(skipped.values()),
         "images_written": len(conv.referenced),
-        **{k: stats[k] for k in ("image_refs", "rows_without_images", "placeholder_mismatch", "duplicate_ids_renamed")},
+        **{k: stats[k] for k in ("image_refs", "rows_without_images", "rows_without_solution", "placeholder_mismatch", "duplicate_ids_renamed")},
         "seconds": round(time.monotonic() - start, 3),
     }
     write_atomic(scratch / "stats.json", json.dumps(record, indent=2) + "\n")

@@ -10,12 +10,20 @@ The trainer asks a mode, never branches on its name:
   sibling);
 - ``in_loss(sample)`` / ``denominator(samples)``: whether a sample's tokens count in the loss, and
   the global count the loss is normalised by;
+- ``teacher_entropy``: the teacher pass also returns its per-token entropy (AntiSD, EGRSD);
+- ``begin_step(median teacher entropy)``: called once per step, on every rank, before the update
+  (modes with ``entropy_gate``: AntiSD's gate); ``state_dict`` / ``load_state_dict``: what a
+  checkpoint must keep of the mode;
 - ``token_credit(...)``: the token advantages of the clipped surrogate (None: no surrogate);
 - ``loss(mb)``: one micro-batch's loss and its metrics.
 
 Modes (arXiv 2604.03128, Sec. 5 and Table 2):
 
-* ``rlsd``: the surrogate with RLSD's token credit (rlsd.rlsd_token_advantages).
+* ``rlsd``: the surrogate with RLSD's token credit (rlsd.rlsd_token_advantages);
+  ``algorithm.negative_only`` reweights only rejected rollouts.
+* ``rlrt``, ``antisd``, ``egrsd``: the surrogate with the credit of algorithms/credit.py (RLRT's
+  reversed ratio on correct rollouts; AntiSD's bounded, sign-reversed additive term under its
+  entropy gate; EGRSD's entropy-gated RLSD weight).
 * ``grpo``: the surrogate with the sequence advantage on every token.
 * ``opsd``: on-policy self-distillation, ``D(P_T || P_S)`` over the full vocabulary with the
   reference answer as privileged context.
@@ -43,6 +51,14 @@ from megatron_rlsd.algorithms.losses import (
     policy_loss,
     topk_divergence,
     truncated_is_weights,
+)
+from megatron_rlsd.algorithms.credit import (
+    AntiSDGate,
+    antisd_token_advantages,
+    egrsd_gate,
+    egrsd_token_advantages,
+    rlrt_clip_fractions,
+    rlrt_token_advantages,
 )
 from megatron_rlsd.algorithms.rlsd import LambdaSchedule, rlsd_clip_fractions, rlsd_token_advantages
 from megatron_rlsd.data.templates import user_message
@@ -74,10 +90,20 @@ class LossMode:
     name = "grpo"
     teacher_pass = False
     teacher_logits = False
+    teacher_entropy = False
+    entropy_gate = False
 
     def __init__(self, cfg, truncated_is_cap: float = 0.0):
         self.cfg = cfg  # the `algorithm` config section
         self.truncated_is_cap = truncated_is_cap  # > 0: truncated importance sampling in the surrogate
+
+    def privileged_context(self, row) -> str:
+        """What the teacher template's {answer} receives for `row`: the reference answer (RLSD)."""
+        return row.answer
+
+    def context_fallback(self, row) -> bool | None:
+        """Whether `row` lacked the context this mode asks for (None: the mode asks for none)."""
+        return None
 
     def teacher_prompts(self, samples: Sequence, templates, encode: Callable) -> None:
         """Replace the samples' teacher prompts where the mode defines its own privileged context.
@@ -94,9 +120,20 @@ class LossMode:
             return float(max(1, sum(len(s.response) for s in counted)))
         return float(max(1, sum(1 for s in counted if s.response)))
 
-    def token_credit(self, step: int, seq_adv, student_logp, teacher_logp, mask) -> tuple[torch.Tensor | None, dict]:
+    def begin_step(self, teacher_entropy_median: float) -> None:
+        """Modes with ``entropy_gate``: this step's median teacher entropy over the global batch."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def token_credit(self, step: int, seq_adv, student_logp, teacher_logp, mask, *, correct=None,
+                     teacher_entropy=None, vocab_size: int = 0) -> tuple[torch.Tensor | None, dict]:  # fmt: skip
         """``([b, R] token advantages or None, {metric: token-mean over mask, a 0-dim tensor})``
-        for optimizer step ``step`` (counted from 1)."""
+        for optimizer step ``step`` (counted from 1). ``correct`` ``[b]``: the verifier's verdicts;
+        ``teacher_entropy`` ``[b, R]`` (modes with ``teacher_entropy``) over ``vocab_size`` entries."""
         return seq_adv.unsqueeze(1).expand_as(student_logp).clone(), {}
 
     def lam(self, step: int) -> float:
@@ -143,25 +180,105 @@ class Rlsd(LossMode):
     def lam(self, step: int) -> float:
         return self.schedule.value(step)
 
-    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask):
-        credit = rlsd_token_advantages(seq_adv, student_logp, teacher_logp, self.lam(step), self.cfg.eps_w)
-        low, high = rlsd_clip_fractions(seq_adv, student_logp, teacher_logp, mask, self.cfg.eps_w)
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask, **_):
+        neg = self.cfg.negative_only
+        credit = rlsd_token_advantages(seq_adv, student_logp, teacher_logp, self.lam(step), self.cfg.eps_w, neg)
+        low, high = rlsd_clip_fractions(seq_adv, student_logp, teacher_logp, mask, self.cfg.eps_w, neg)
         return credit, {"clip_low": low, "clip_high": high}
 
 
-class Opsd(LossMode):
+class Rlrt(Rlsd):
+    """RLRT (arXiv 2605.10781): the reversed evidence ratio, on correct rollouts only."""
+
+    name = "rlrt"
+
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask, *, correct=None, **_):
+        credit = rlrt_token_advantages(seq_adv, student_logp, teacher_logp, correct, self.lam(step), self.cfg.eps_w)
+        low, high, share = rlrt_clip_fractions(seq_adv, student_logp, teacher_logp, correct, mask, self.cfg.eps_w)
+        return credit, {"clip_low": low, "clip_high": high, "reweighted": share}
+
+
+class Egrsd(Rlsd):
+    """EGRSD (arXiv 2605.13255, our reading of its abstract): RLSD's weight times a
+    teacher-entropy confidence gate with a floor (credit.egrsd_token_advantages)."""
+
+    name = "egrsd"
+    teacher_entropy = True
+
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask, *, teacher_entropy=None, vocab_size=0, **_):
+        a = self.cfg
+        credit = egrsd_token_advantages(seq_adv, student_logp, teacher_logp, teacher_entropy, vocab_size,
+                                        self.lam(step), a.eps_w, a.egrsd_floor)  # fmt: skip
+        low, high = rlsd_clip_fractions(seq_adv, student_logp, teacher_logp, mask, a.eps_w)
+        at_floor = (egrsd_gate(teacher_entropy, vocab_size, a.egrsd_floor) <= a.egrsd_floor) & mask.bool()
+        gated = at_floor.sum() / mask.sum().clamp(min=1)
+        return credit, {"clip_low": low, "clip_high": high, "gated": gated.float()}
+
+
+class AntiSD(LossMode):
+    """AntiSD (arXiv 2605.11609): ``A - lam * phi(t - s)`` with Eq. 7's gate on the median teacher
+    entropy (credit.antisd_token_advantages, credit.AntiSDGate)."""
+
+    name = "antisd"
+    teacher_pass = True
+    teacher_entropy = True
+    entropy_gate = True
+
+    def __init__(self, cfg, truncated_is_cap: float = 0.0):
+        super().__init__(cfg, truncated_is_cap)
+        self.gate = AntiSDGate(cfg.antisd_lambda_max, cfg.antisd_warmup_steps, cfg.antisd_ratio_down)
+        self._lam = 0.0
+
+    def begin_step(self, teacher_entropy_median: float) -> None:
+        self._lam = self.gate.step(teacher_entropy_median)
+
+    def lam(self, step: int) -> float:
+        return self._lam
+
+    def state_dict(self) -> dict:
+        return {"gate": self.gate.state_dict(), "lam": self._lam}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gate.load_state_dict(state["gate"])
+        self._lam = state["lam"]
+
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask, **_):
+        credit = antisd_token_advantages(seq_adv, student_logp, teacher_logp, self._lam)
+        a = seq_adv.unsqueeze(1)
+        # tokens whose credit the term turned against their sequence's direction (or gave one at A = 0)
+        flipped = ((credit * a < 0) | ((a == 0) & (credit != 0))) & mask.bool()
+        n = mask.sum().clamp(min=1)
+        term = torch.where(mask.bool(), credit - a, 0.0).sum() / n  # the mean additive term -lam * phi
+        return credit, {"sign_flipped": (flipped.sum() / n).float(), "antisd_term": term.float(),
+                        "gate_open": credit.new_tensor(float(self.gate.open))}  # fmt: skip
+
+
+class _SolutionContext(LossMode):
+    """OPSD as the RLSD paper ran it: the privileged context is the row's reference solution (a
+    reasoning trace) when `algorithm.opsd_context` is `solution`; rows without one get the answer."""
+
+    def privileged_context(self, row) -> str:
+        return row.solution if self.context_fallback(row) is False else row.answer
+
+    def context_fallback(self, row) -> bool | None:
+        if self.cfg.opsd_context != "solution":
+            return None
+        return not row.solution.strip()
+
+
+class Opsd(_SolutionContext):
     name = "opsd"
     teacher_pass = True
     teacher_logits = True
 
-    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask):
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask, **_):
         return None, {}
 
     def loss(self, mb):
         return self._opsd(mb), {}
 
 
-class GrpoOpsd(LossMode):
+class GrpoOpsd(_SolutionContext):
     name = "grpo_opsd"
     teacher_pass = True
     teacher_logits = True
@@ -198,14 +315,14 @@ class Sdpo(LossMode):
     def in_loss(self, sample) -> bool:
         return sample.teacher_valid
 
-    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask):
+    def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask, **_):
         return None, {}
 
     def loss(self, mb):
         return self._distillation(mb, "jsd", self.cfg.opsd_beta), {}
 
 
-LOSS_MODES: dict[str, type[LossMode]] = {m.name: m for m in (Rlsd, LossMode, Opsd, GrpoOpsd, Sdpo)}
+LOSS_MODES: dict[str, type[LossMode]] = {m.name: m for m in (Rlsd, LossMode, Opsd, GrpoOpsd, Sdpo, Rlrt, AntiSD, Egrsd)}
 
 
 def make_loss_mode(algorithm_cfg, truncated_is_cap: float = 0.0) -> LossMode:

@@ -74,6 +74,7 @@ def rlsd_token_advantages(
     teacher_logp: torch.Tensor,
     lam: float,
     eps_w: float,
+    negative_only: bool = False,
 ) -> torch.Tensor:
     """Token advantages ``A_t = A * ((1 - lam) + lam * clip(w_t, 1 - eps_w, 1 + eps_w))``.
 
@@ -83,6 +84,9 @@ def rlsd_token_advantages(
         teacher_logp: ``[B, T]`` ``log P_T(y_t | x, r, y_<t)`` of the same tokens.
         lam: mixing coefficient in ``[0, 1]`` (0 gives plain GRPO: ``A`` broadcast).
         eps_w: evidence-weight clip range in ``(0, 1)``.
+        negative_only: reweight only rejected rollouts (``A < 0``: tokens the teacher favours are
+            blamed less, those it disfavours more); ``A > 0`` keeps ``A`` on every token
+            (ms-swift's ``rlsd_negative_only``).
 
     Returns:
         ``[B, T]`` token advantages (fp32, or the inputs' dtype if wider) with no
@@ -104,6 +108,8 @@ def rlsd_token_advantages(
         s = _signed_log_weight(seq_adv, student_logp, teacher_logp)
         w = s.clamp(min=math.log1p(-eps_w), max=math.log1p(eps_w)).exp_()
         scale = w.mul_(lam).add_(1.0 - lam)
+        if negative_only:
+            scale = torch.where(seq_adv.detach().unsqueeze(1) < 0, scale, 1.0)
         return scale.mul_(seq_adv.detach().to(scale.dtype).unsqueeze(1))
 
 
@@ -113,6 +119,7 @@ def rlsd_clip_fractions(
     teacher_logp: torch.Tensor,
     mask: torch.Tensor,
     eps_w: float,
+    negative_only: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Shares of valid tokens whose evidence weight was clipped low / high.
 
@@ -122,7 +129,8 @@ def rlsd_clip_fractions(
     never clipped), as the authors' ``stgca_clip_low_ratio`` /
     ``stgca_clip_high_ratio`` metrics, the "clip ratio 3-6%" of the paper's
     Fig. 5c.  These are this call's (micro-batch's) fractions; to combine
-    several calls weight each by its ``mask.sum()``.
+    several calls weight each by its ``mask.sum()``.  With ``negative_only`` only the
+    reweighted tokens (``A < 0``) can count as clipped.
 
     Returns:
         ``(low_frac, high_frac)``: two fp32 scalar tensors (0 when no token is valid).
@@ -136,6 +144,8 @@ def rlsd_clip_fractions(
         s = _signed_log_weight(seq_adv, student_logp, teacher_logp)
         valid = mask.bool()
         n = valid.sum().clamp(min=1).to(torch.float32)
+        if negative_only:
+            valid = valid & (seq_adv.detach().unsqueeze(1) < 0)
         low = ((s < math.log1p(-eps_w)) & valid).sum().to(torch.float32) / n
         high = ((s > math.log1p(eps_w)) & valid).sum().to(torch.float32) / n
         return low, high

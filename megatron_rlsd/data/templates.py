@@ -92,16 +92,19 @@ class PromptTemplates:
     def student_text(self, row: PromptRow) -> str:
         return _fill(self.student, {"problem": row.problem.strip(), "answer": row.answer})
 
-    def teacher_text(self, row: PromptRow) -> str:
-        return _fill(self.teacher, {"problem": row.problem.strip(), "answer": row.answer})
+    def teacher_text(self, row: PromptRow, context: str | None = None) -> str:
+        """The teacher prompt; `context` (default: the row's answer) fills {answer}: the privileged
+        information, e.g. a reference solution for OPSD."""
+        return _fill(self.teacher, {"problem": row.problem.strip(), "answer": row.answer if context is None else context})
 
     def student_messages(self, row: PromptRow) -> list[dict[str, Any]]:
         """One user turn: the student prompt (images first, when the row has any)."""
         return [user_message(self.student_text(row), row.images)]
 
-    def teacher_messages(self, row: PromptRow) -> list[dict[str, Any]]:
-        """One user turn: the teacher prompt with the reference answer, same images."""
-        return [user_message(self.teacher_text(row), row.images)]
+    def teacher_messages(self, row: PromptRow, context: str | None = None) -> list[dict[str, Any]]:
+        """One user turn: the teacher prompt with the privileged context (default: the reference
+        answer), same images."""
+        return [user_message(self.teacher_text(row, context), row.images)]
 
 
 def user_message(text: str, images: Sequence[str]) -> dict[str, Any]:

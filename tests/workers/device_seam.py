@@ -28,7 +28,7 @@ from megatron_rlsd.models.forward import forward_only  # noqa: E402
 from megatron_rlsd.parallel import init_distributed  # noqa: E402
 from megatron_rlsd.trainer import Trainer  # noqa: E402
 
-MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo")
+MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo", "rlrt", "antisd", "egrsd")
 
 
 def to_meta(module: torch.nn.Module) -> None:
@@ -55,6 +55,9 @@ def main(report_path, hf_dir, data, out):
         batch, acc = trainer.local_batch(samples), Accumulator()
         student = trainer.score_student(batch)  # the separate pass of several mini-batches per step
         teacher = trainer.score_teacher(batch)
+        if trainer.mode.entropy_gate:  # AntiSD with its gate open (its median needs real values, not meta)
+            trainer.mode.gate.load_state_dict({"warm": [0.0], "h_warm": 0.0, "open": True})
+            trainer.mode.begin_step(1.0)
         micro_batches, loss_fn = trainer.update_inputs(batch, trainer.mode.denominator(samples), None, teacher, acc)
         losses = forward_only(trainer.c.model, micro_batches, loss_fn)  # the update's forward, credit and loss
         tensors = [*student.values(), *(teacher or {}).values()]

@@ -9,7 +9,10 @@
    computed): losses finite and non-zero, gradient norm > 0, and with Adam's moments reset and
    no weight decay every weight moves against its gradient (first Adam step: sign(dw) =
    -sign(g)). Teacher refreshes every K=2 steps; truncated IS is on (planted samples carry
-   rollout log-probs of 0, so their TIS weights are < 1).
+   rollout log-probs of 0, so their TIS weights are < 1). The credit family runs too: RLRT,
+   AntiSD with its gate open (the teacher-entropy median is computed across the pipeline) and
+   EGRSD; OPSD's teacher reads the rows' reference solutions; one planted response that cites a
+   "reference solution" is the step's only leak (metric `leakage`).
 3. An injected NaN loss is skipped (weights unchanged, counted); consecutive NaNs stop the run;
    the last good checkpoint loads back the weights it was saved with.
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -34,7 +38,8 @@ from megatron_rlsd.optimizer import reset_moments  # noqa: E402
 from megatron_rlsd.parallel import all_reduce_scalar, init_distributed  # noqa: E402
 from megatron_rlsd.trainer import Trainer  # noqa: E402
 
-MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo")
+MODES = ("rlsd", "grpo", "opsd", "grpo_opsd", "sdpo", "rlrt", "antisd", "egrsd")
+LEAK = " But wait, the reference solution says otherwise."
 
 
 def record_calls(targets) -> list[str]:
@@ -65,6 +70,8 @@ def plant_solutions(trainer, samples, mine):
             s.response = tok(s.row.solution, add_special_tokens=False).input_ids + [tok.eos_token_id]
             s.rollout_logprobs = [0.0] * len(s.response)
             s.text = tok.decode(s.response, skip_special_tokens=True)
+            if i == 0:  # one leak per step: the metric's text, not the tokens
+                s.text += LEAK
 
 
 def against_gradient(trainer, before) -> dict:
@@ -78,6 +85,24 @@ def against_gradient(trainer, before) -> dict:
         dot += float((dw * g).sum())
     return {"moved_with_gradient": int(all_reduce_scalar(agree)), "moved": int(all_reduce_scalar(moved)),
             "dot": all_reduce_scalar(dot)}  # fmt: skip
+
+
+def entropy_median_check(trainer, samples) -> dict:
+    """The trainer's median teacher entropy (tensor gather over the last stage's DP group, a world
+    max to every stage) against Python's statistics.median of every last-stage rank's tokens
+    (object gather over the world)."""
+    import statistics
+
+    batch = trainer.local_batch(samples)
+    teacher = trainer.score_teacher(batch)
+    got = trainer.teacher_entropy_median(batch, teacher)
+    mine = []
+    if teacher is not None and ps.get_tensor_model_parallel_rank() == 0:  # one copy per DP slice
+        for i, s in enumerate(batch):
+            mine += teacher["entropy"][i, : len(s.response)].double().tolist()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (got, mine))
+    return {"values": [p[0] for p in parts], "reference": statistics.median(v for p in parts for v in p[1])}
 
 
 def main(report_path, *overrides):
@@ -114,13 +139,22 @@ def main(report_path, *overrides):
     for mode in MODES:
         cfg.algorithm.loss_mode = mode
         trainer.mode = make_loss_mode(cfg.algorithm, cfg.rollout.truncated_is_cap)
+        if mode == "antisd":  # calibrated and open (H_warm 0: it stays open)
+            trainer.mode.gate.load_state_dict({"warm": [0.0], "h_warm": 0.0, "open": True})
         reset_moments(trainer.c.optimizer)
         samples, mine = trainer.generate_rollouts(trainer.next_prompts())
         plant_solutions(trainer, samples, mine)
         before = weights(trainer)
         row = trainer.learn_from(samples, mine)
-        report["modes"][mode] = {k: row.get(k) for k in ("loss", "grad_norm", "update_ok", "accuracy", "pg_tis_weight")}
+        keys = ("loss", "grad_norm", "update_ok", "accuracy", "pg_tis_weight", "lambda", "leakage", "opsd_context_fallback",
+                "clip_low", "clip_high", "reweighted", "sign_flipped", "antisd_term", "gate_open", "gated")  # fmt: skip
+        report["modes"][mode] = {k: row.get(k) for k in keys} | {"samples": len(samples)}
+        teacher_text = trainer.c.tokenizer.decode(samples[0].teacher_prompt)
+        report["modes"][mode]["teacher_reads"] = [what for what, text in (("solution", samples[0].row.solution),
+                                                  ("answer", samples[0].row.answer)) if text in teacher_text]  # fmt: skip
         report["modes"][mode] |= against_gradient(trainer, before)
+        if mode == "antisd":
+            report["entropy_median"] = entropy_median_check(trainer, samples)
         in_sync = all(torch.equal(t, p) for t, p in zip(trainer.teacher.weights, trainer.module.parameters()))
         report["teacher"].append({"step": trainer.step, "age": trainer.teacher.age, "equals_policy": in_sync})
 
