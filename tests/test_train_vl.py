@@ -21,7 +21,8 @@ def test_tiny_vl_default_trains_with_images(tmp_path):
     # reward variance) plus a small format bonus: enough for real RLSD updates in 3 steps
     proc = train(f"trainer.output_dir={out}", f"model.hf_dir={out / 'tiny_qwen3_vl'}", f"data.train_file={out / 'shapes.jsonl'}",
                  "demo.synthetic_task=largest_color", "demo.synthetic_rows=200", "reward.format_bonus=0.1",
-                 "trainer.warmup_sft_steps=25", "trainer.steps=3", "trainer.save_interval=1", "trainer.keep_checkpoints=3",
+                 "trainer.warmup_sft_steps=25", "trainer.steps=3", "trainer.prompts_per_step=8", "trainer.save_interval=1",
+                 "trainer.keep_checkpoints=3",
                  config="examples/tiny_vl_cpu.yaml")  # fmt: skip
     assert "demo: built a tiny Qwen3-VL" in proc.stdout and "data:" in proc.stdout
     rows = metrics(out)

@@ -14,8 +14,9 @@ Conventions shared by every function:
 * ``logits`` has shape ``[..., V_local]``; the leading dims are flattened into
   ``N`` token rows which are processed a chunk of rows at a time, so fp32
   temporaries are bounded: by default a chunk holds ``CHUNK_BYTES`` of fp32
-  logits (``chunk_size`` rows when given).  Every rank of the TP group must call
-  with the same leading shape and ``chunk_size``.
+  logits of the full vocabulary, ``CHUNK_BYTES / tp`` on each rank, so every
+  rank's temporaries shrink as 1/TP (``chunk_size`` rows when given).  Every
+  rank of the TP group must call with the same leading shape and ``chunk_size``.
 * ``temperature`` divides the logits (``softmax(logits / temperature)``); the
   input tensors are never modified in place.
 * Math is done in fp32 (each chunk is cast), results are fp32 tensors of shape
@@ -50,8 +51,9 @@ __all__ = [
     "global_topk_ids",
 ]
 
-# fp32 bytes of one chunk of logits rows: a few temporaries of this size live at once, whatever the
-# vocabulary (at Qwen's 151,936 entries, ~430 rows per chunk)
+# fp32 bytes of one chunk of full-vocabulary logits rows, split over the TP ranks: a few temporaries
+# of CHUNK_BYTES / tp live at once on each rank, whatever the vocabulary (at Qwen's 151,936 entries,
+# ~440 rows per chunk at any TP)
 CHUNK_BYTES = 256 << 20
 
 
@@ -165,9 +167,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _chunks(n: int, chunk_size: int | None, v_local: int):
-    """Row ranges of at most `chunk_size` rows (None: CHUNK_BYTES of fp32 logits)."""
-    rows = chunk_size or max(1, CHUNK_BYTES // (4 * max(1, v_local)))
+def _chunks(n: int, chunk_size: int | None, v_local: int, world: int):
+    """Row ranges of at most `chunk_size` rows (None: as many rows as CHUNK_BYTES of fp32 logits
+    of the full vocabulary, v_local x world: every rank's temporaries, CHUNK_BYTES / world, shrink
+    as 1/TP with its shard, and the chunks, with their collectives, are as many as at TP1)."""
+    rows = chunk_size or max(1, CHUNK_BYTES // (4 * max(1, v_local) * max(1, world)))
     for start in range(0, n, rows):
         yield start, min(start + rows, n)
 
@@ -204,6 +208,7 @@ class _LogprobEntropyFn(torch.autograd.Function):
     def forward(ctx, logits, target, tp_group, temperature, chunk_size, want_logp, want_ent):
         ctx.set_materialize_grads(False)
         world, rank = _group_info(tp_group)
+        ctx.world = world
         x = _rows(logits)
         n, v_local = x.shape
         dev = x.device
@@ -214,7 +219,7 @@ class _LogprobEntropyFn(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.float32, device=dev) if want_logp else None
         ent = torch.empty(n, dtype=torch.float32, device=dev) if want_ent else None
 
-        for a, b in _chunks(n, chunk_size, v_local):
+        for a, b in _chunks(n, chunk_size, v_local, world):
             (zs,), m = _shifted([_scaled(x[a:b], temperature)], tp_group, world)  # z - max <= 0
             parts = []
             if want_logp:  # gathered before the clamp so that a -inf target stays -inf
@@ -262,7 +267,7 @@ class _LogprobEntropyFn(torch.autograd.Function):
         n, v_local = x.shape
         grad = torch.empty_like(x, memory_format=torch.contiguous_format)
         inv_t = 1.0 / ctx.temperature
-        for a, b in _chunks(n, ctx.chunk_size, v_local):
+        for a, b in _chunks(n, ctx.chunk_size, v_local, ctx.world):
             lp = _log_softmax_chunk(x, a, b, ctx.temperature, shift, log_s)
             p = lp.exp()
             if g_ent is not None:
@@ -391,12 +396,13 @@ class _KLFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p_logits, q_logits, tp_group, temperature, chunk_size):
         world, _ = _group_info(tp_group)
+        ctx.world = world
         xp, xq = _rows(p_logits), _rows(q_logits)
         n = xp.shape[0]
         dev = xp.device
         stats = torch.empty(4, n, dtype=torch.float32, device=dev)  # m_p, m_q, ls_p, ls_q
         kl = torch.empty(n, dtype=torch.float32, device=dev)
-        for a, b in _chunks(n, chunk_size, xp.shape[-1]):
+        for a, b in _chunks(n, chunk_size, xp.shape[-1], world):
             lp, lq, m, ls = _two_lognorm(
                 _scaled(xp[a:b], temperature), _scaled(xq[a:b], temperature), tp_group, world
             )
@@ -423,7 +429,7 @@ class _KLFn(torch.autograd.Function):
         gq = torch.empty_like(xq, memory_format=torch.contiguous_format) if need_q else None
         gflat = g_kl.reshape(-1)
         inv_t = 1.0 / ctx.temperature
-        for a, b in _chunks(n, ctx.chunk_size, xp.shape[-1]):
+        for a, b in _chunks(n, ctx.chunk_size, xp.shape[-1], ctx.world):
             g = (gflat[a:b].float() * inv_t).unsqueeze(-1)
             lp = _log_softmax_chunk(xp, a, b, ctx.temperature, stats[0], stats[2])
             p = lp.exp()
@@ -483,13 +489,14 @@ class _JSDFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t_logits, s_logits, beta, tp_group, temperature, chunk_size):
         world, _ = _group_info(tp_group)
+        ctx.world = world
         xt, xs = _rows(t_logits), _rows(s_logits)
         n = xt.shape[0]
         dev = xt.device
         log_b, log_1mb = math.log(beta), math.log1p(-beta)
         stats = torch.empty(4, n, dtype=torch.float32, device=dev)  # m_t, m_s, ls_t, ls_s
         kls = torch.empty(2, n, dtype=torch.float32, device=dev)  # KL(T||M), KL(S||M)
-        for a, b in _chunks(n, chunk_size, xt.shape[-1]):
+        for a, b in _chunks(n, chunk_size, xt.shape[-1], world):
             lt, ls_, m, lse = _two_lognorm(
                 _scaled(xt[a:b], temperature), _scaled(xs[a:b], temperature), tp_group, world
             )
@@ -521,7 +528,7 @@ class _JSDFn(torch.autograd.Function):
         gs = torch.empty_like(xs, memory_format=torch.contiguous_format) if need_s else None
         gflat = g_jsd.reshape(-1)
         inv_t = 1.0 / ctx.temperature
-        for a, b in _chunks(n, ctx.chunk_size, xt.shape[-1]):
+        for a, b in _chunks(n, ctx.chunk_size, xt.shape[-1], ctx.world):
             g = (gflat[a:b].float() * inv_t).unsqueeze(-1)
             lt = _log_softmax_chunk(xt, a, b, ctx.temperature, stats[0], stats[2])
             ls_ = _log_softmax_chunk(xs, a, b, ctx.temperature, stats[1], stats[3])
@@ -613,6 +620,7 @@ class _TopkTailFn(torch.autograd.Function):
     def forward(ctx, logits, ids, tp_group, temperature, chunk_size, want_tail):
         ctx.set_materialize_grads(False)
         world, rank = _group_info(tp_group)
+        ctx.world = world
         x = _rows(logits)
         n, v_local = x.shape
         k = ids.shape[-1]
@@ -622,7 +630,7 @@ class _TopkTailFn(torch.autograd.Function):
         log_s = torch.empty(n, dtype=torch.float32, device=dev)
         lp = torch.empty(n, k, dtype=torch.float32, device=dev)
         lt = torch.empty(n, dtype=torch.float32, device=dev) if want_tail else None
-        for a, b in _chunks(n, chunk_size, v_local):
+        for a, b in _chunks(n, chunk_size, v_local, world):
             (zs,), m = _shifted([_scaled(x[a:b], temperature)], tp_group, world)
             zs.clamp_(min=_NEG_FLOOR)
             local, in_shard = _local_target(idr[a:b], rank, v_local)
@@ -663,7 +671,7 @@ class _TopkTailFn(torch.autograd.Function):
         else:
             coef = torch.zeros(n, device=dev)
         grad = torch.empty_like(x, memory_format=torch.contiguous_format)
-        for a, b in _chunks(n, ctx.chunk_size, v_local):
+        for a, b in _chunks(n, ctx.chunk_size, v_local, ctx.world):
             p = _log_softmax_chunk(x, a, b, ctx.temperature, shift, log_s).exp_()
             gk, gt, c = g_lp[a:b], g_lt[a:b], coef[a:b]
             local, in_shard = _local_target(idr[a:b], ctx.rank, v_local)
