@@ -191,6 +191,9 @@ def test_loss_modes_of_the_family():
     other = make_loss_mode(AlgorithmConfig(loss_mode="antisd", antisd_warmup_steps=1))
     other.load_state_dict(state)
     assert other.lam(3) == 0.5 and other.state_dict() == state
+    fresh = make_loss_mode(AlgorithmConfig(loss_mode="antisd"))
+    fresh.load_state_dict({})  # resuming another mode's checkpoint: the gate starts calibrating
+    assert fresh.state_dict() == {"gate": {"warm": [], "h_warm": None, "open": False}, "lam": 0.0}
 
 
 def test_validation():

@@ -239,8 +239,9 @@ class AntiSD(LossMode):
         return {"gate": self.gate.state_dict(), "lam": self._lam}
 
     def load_state_dict(self, state: dict) -> None:
-        self.gate.load_state_dict(state["gate"])
-        self._lam = state["lam"]
+        if state:  # empty from a checkpoint of another mode: the gate calibrates afresh
+            self.gate.load_state_dict(state["gate"])
+            self._lam = state["lam"]
 
     def token_credit(self, step, seq_adv, student_logp, teacher_logp, mask, **_):
         credit = antisd_token_advantages(seq_adv, student_logp, teacher_logp, self._lam)
