@@ -27,8 +27,8 @@ planned, the larger is shown):
   of the backward: the loss (logits, their gradient, fp32 chunks) and a layer (the recomputed
   group under full recompute, gradient working set, one weight gradient).
 - sync: resident (grads and optimizer still on the GPU) + vLLM's bf16 weights awake (KV cache
-  asleep) + one bucket (rollout.weight_bucket_mb, or one larger layer) + one un-sharded layer
-  being gathered.
+  asleep) + one bucket (rollout.weight_bucket_mb, or one larger layer) + one layer for vLLM's
+  in-place reload (it re-materialises a module at a time) and the sync's one TP shard of scratch.
 
 Activations follow Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
 Models" (arXiv 2205.05198): per layer, stored bytes sbh(34 + 5as/h) in 16-bit (eq. 1), the parts
@@ -618,7 +618,7 @@ class _Planner:
             Term("vLLM buffers kept while asleep", VLLM_ASLEEP_BYTES),
             Term("weight-sync bucket (rollout.weight_bucket_mb, or one larger layer)",
                  max(self.cfg.rollout.weight_bucket_mb * MIB, group)),
-            Term("one layer gathered un-sharded", group),
+            Term("vLLM's reload of one layer + TP scratch", group),
         ])  # fmt: skip
 
 

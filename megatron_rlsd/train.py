@@ -41,11 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_rlsd import demo
     from megatron_rlsd.build import build
     from megatron_rlsd.parallel import destroy_distributed, init_distributed
+    from megatron_rlsd.rewards import get_default_verifier
     from megatron_rlsd.trainer import Trainer
 
     components = trainer = None
     try:
         platform = init_distributed(cfg.parallel)
+        get_default_verifier().start()  # reward workers warm up while the model and engines load
         if cfg.demo.enabled:
             demo.prepare(cfg)
             check_model_fits(cfg, world_size)  # the demo's model exists now

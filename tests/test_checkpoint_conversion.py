@@ -232,3 +232,42 @@ def test_bad_inputs_fail_with_one_clear_line(tiny_qwen3, tmp_path):
     assert "does not exist" in _error_line(m2h(tmp_path / "missing_ckpt", tmp_path / "o7"))
     assert "neither a checkpoint root" in _error_line(m2h(src, tmp_path / "o8"))
     assert "not empty" in _error_line(m2h(tmp_path / "ok", src))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_tp_shards_written_in_place_make_the_hf_tensors(tiny_qwen3, tmp_path, tp):
+    """The weight sync's assembly (`ModelMapping.write_shard` of every TP rank's shard into
+    `hf_shapes` buffers, or straight into `shard_place` when it is one region) gives exactly the
+    checkpoint's HF tensors, for every tensor of a tiny Qwen3 and Qwen3-VL: QKV groups, packed ViT
+    QKV and its bias, [gate; up], row- and column-parallel linears, replicated norms."""
+
+    from megatron_rlsd.models.registry import hf_mapping, model_module
+    from megatron_rlsd.models.tiny_vl import build_tiny_qwen3_vl
+
+    vl = build_tiny_qwen3_vl(tmp_path / "vl", num_layers=2, vision_depth=2, vision_num_heads=4, num_heads=8,
+                             num_kv_heads=4, seed=5)
+    for folder in (tiny_qwen3["untied"], vl):
+        cfg = json.loads((folder / "config.json").read_text())
+        shape = model_module(cfg).Shape.from_hf_config(cfg)
+        shape.check_parallel(tp, 1)  # the models split at TP 1, 2 and 4
+        mapping = hf_mapping(shape)
+        hf = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+        kinds = set()
+        for canonical in mapping.canonical_names():
+            full = mapping.to_megatron(canonical, hf.__getitem__)
+            shapes = mapping.hf_shapes(canonical, tuple(full.shape))
+            assert [n for n, _ in shapes] == list(mapping.hf_sources(canonical))
+            out = [torch.full(shape, float("nan"), dtype=full.dtype) for _, shape in shapes]
+            split = tp if mapping.tp_dim(canonical) is not None else 1
+            for r in range(split):
+                shard = mapping.tp_shard(full, canonical, r, split).contiguous()
+                place = mapping.shard_place(canonical, r, split, out)
+                if place is not None:
+                    assert place.is_contiguous() and place.shape == shard.shape
+                    place.copy_(shard)
+                else:
+                    mapping.write_shard(canonical, shard, r, split, out)
+            for (name, _), got in zip(shapes, out):
+                assert torch.equal(got, hf[name]), (canonical, name, tp)
+            kinds.add(mapping.rule(canonical).kind)
+        assert kinds >= ({"direct", "qkv", "gate_up", "packed_qkv"} if folder == vl else {"direct", "qkv", "gate_up"})

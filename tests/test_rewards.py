@@ -401,3 +401,22 @@ def test_fuzz_never_raises_and_is_bounded(text, gold):
         assert seconds < cfg.timeout_s + 1.5
         if result.reason == "timeout":  # the killed worker's replacement starts in the background:
             assert verifier.warmup()  # wait for a ready worker, so the next bound holds
+
+
+def test_start_spawns_the_workers_in_the_background():
+    """The trainer starts the reward workers before loading its model: start() returns at once
+    and the workers import math-verify on their own; the first check then finds them ready."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    verifier = MathVerifier(max_workers=2)
+    try:
+        t0 = time.monotonic()
+        verifier.start()
+        assert time.monotonic() - t0 < 1.0  # importing math-verify takes seconds: not waited for
+        deadline = time.monotonic() + 60
+        while len({p.pid for p in me.children()} - before) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len({p.pid for p in me.children()} - before) == 2  # both workers, unasked
+        assert check_answer("2x+1", "1+2x", timeout_s=SLOW_OK, verifier=verifier)[0] is True
+    finally:
+        verifier.close()

@@ -12,7 +12,10 @@ refreshed every 2 steps so the swap and the refresh both run), then for each ste
 `Trainer.train_step`: rollouts -> rewards (synthetic addition task) -> teacher pass (teacher
 weights swapped in) -> update (fused student pass, one optimizer step) -> weight sync. Then a
 checkpoint save and reload (`Checkpointer`; every model, optimizer and teacher tensor compared
-bitwise) and the weight export again from the reloaded state.
+bitwise) and the weight export again from the reloaded state. Before the model is built, the first
+run times the vocab-parallel log-prob kernel (`algorithms/vocab_parallel.py`, forward + backward
+over bf16 logits of Qwen's 151,936-entry vocabulary) against plain log_softmax + gather, and reports
+its achieved memory bandwidth against the device's peak.
 
 Only the rollout engine is replaced, here and nowhere else: vLLM is not on the device image.
 `HFRolloutStandIn` is a transformers Qwen3ForCausalLM on the same GPU whose weights come from the
@@ -39,8 +42,10 @@ import gc
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +59,18 @@ RECIPE = REPO / "examples" / "qwen3_8b_rlsd.yaml"
 
 # Dense bf16 peak of an H100/H200 SXM (datasheet, without sparsity): the MFU denominator.
 PEAK_BF16_FLOPS = 989e12
+# Peak DRAM (HBM) bandwidth in bytes/s by device, from NVIDIA's datasheets (H100 SXM5 3.35 TB/s,
+# H100 PCIe 2.0 TB/s, H200 4.8 TB/s, A100 80GB SXM4 2,039 GB/s and PCIe 1,935 GB/s): the log-prob
+# kernel's bandwidth denominator. Keys are searched (case-insensitive) in
+# torch.cuda.get_device_name(), first match wins ("NVIDIA H100 80GB HBM3" is the SXM5 part; a GH200
+# does not match H200); an unknown device gets no peak and its bandwidth ratio is None.
+PEAK_DRAM_BYTES_PER_S = {
+    r"\bH200\b": ("H200", 4.8e12),
+    r"\bH100\b.*\bPCIe\b": ("H100 PCIe", 2.0e12),
+    r"\bH100\b.*\b(SXM\w*|HBM3)\b": ("H100 SXM", 3.35e12),
+    r"\bA100\b.*\b80GB\b.*\bPCIe\b": ("A100 80GB PCIe", 1.935e12),
+    r"\bA100\b.*\bSXM4-80GB\b": ("A100 80GB SXM", 2.039e12),
+}
 
 # Qwen3 text models as in their config.json (Qwen/Qwen3-*); all tie the LM head to the embedding.
 QWEN3_COMMON = dict(vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -89,8 +106,8 @@ CKPT_SECONDS = 150.0
 # time went. Largest expected costs: the first step compiles Megatron's fused kernels
 # (torch.compile); a step's rollout is HF generate, one token at a time.
 PHASE_BUDGET_S = {
-    "import": 30, "distributed_init": 15, "write_model_and_data": 40, "build": 45, "rollout_stand_in_init": 20,
-    "trainer_init": 10, "start_and_first_sync": 15, "step": 60, "checkpoint_save": 60, "load": 45,
+    "import": 30, "distributed_init": 15, "logprob_kernel": 30, "write_model_and_data": 40, "build": 45,
+    "rollout_stand_in_init": 20, "trainer_init": 10, "start_and_first_sync": 15, "step": 60, "checkpoint_save": 60, "load": 45,
     "export_after_reload": 10, "load_into_fresh_optimizer": 45,
 }  # fmt: skip
 
@@ -304,7 +321,8 @@ def parent(args) -> int:
         timeout = max(60.0, (0.6 if i + 1 < len(runs) else 1.0) * left - 5)
         part = out / f"part-{i + 1}-{spec['shape']}.json"
         part.unlink(missing_ok=True)
-        spec = spec | {"label": f"run {i + 1} {spec['shape']}", "timeout_s": round(timeout)}
+        # the log-prob kernel is measured once, in the first run (on a GPU still empty)
+        spec = spec | {"label": f"run {i + 1} {spec['shape']}", "timeout_s": round(timeout), "logprob_kernel": i == 0}
         clock.log(f"{spec['label']}: starting (time limit {timeout:.0f} s)")
         rc = _run_child(spec, part, timeout)
         data = json.loads(part.read_text()) if part.is_file() else {"spec": spec}
@@ -316,6 +334,7 @@ def parent(args) -> int:
     result["checks"] = {f"run{i + 1}.{k}": v for i, r in enumerate(result["runs"]) for k, v in r.get("checks", {}).items()}
     result["checks"]["within_budget"] = result["total_s"] <= args.budget_s
     result["checks"]["checkpoint_round_trip_ran"] = any(r.get("checkpoint", {}).get("ran") for r in result["runs"])
+    result["targets"] = {f"run{i + 1}.{k}": v for i, r in enumerate(result["runs"]) for k, v in r.get("targets", {}).items()}
     result["ok"] = all(result["checks"].values())
     write_json(out / "gpu_check.json", result)
     text = render_text(result)
@@ -370,6 +389,8 @@ def render_text(result: dict) -> str:
             lines.append("   phases over their budget (s): " + ", ".join(f"{k} {v}" for k, v in r["phases_over_budget"].items()))
         if r.get("memory"):
             lines.append("   memory (GiB): " + ", ".join(f"{k} {v}" for k, v in r["memory"].items()))
+        if r.get("logprob_kernel"):
+            lines.append("   " + logprob_kernel_line(r["logprob_kernel"]))
         if r.get("stages"):
             lines.append(f"   {'step':>4} {'stage':<8} {'time s':>8} {'peak alloc GiB':>14} {'peak resv GiB':>13} {'tokens':>8} "
                          f"{'tokens/s':>10} {'MFU':>7}")  # fmt: skip
@@ -393,6 +414,8 @@ def render_text(result: dict) -> str:
             lines.append(f"   ERROR: {r['error']}")
     lines.append("")
     lines.append("checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in checks.items()))
+    if result.get("targets"):
+        lines.append("targets: " + ", ".join(f"{k} {'MET' if v else 'NOT MET'}" for k, v in result["targets"].items()))
     for note in result["plan"]["notes"]:
         lines.append(f"plan: {note}")
     lines.append("")
@@ -402,6 +425,14 @@ def render_text(result: dict) -> str:
         "attention's sequence-squared FLOPs and the optimizer step's are not counted, while the stage time includes the "
         "optimizer step, the gradient norm and the loss's log-softmax; 989e12 is the dense bf16 peak of an H100/H200 SXM "
         "(datasheet, no sparsity). Layers are Megatron-Core's local spec (unfused attention), not Transformer Engine."
+    )
+    lines.append("")
+    lines.append(
+        "Log-prob kernel: forward + backward of vocab_parallel_logprobs (TP group of one, temperature 1) over [N, V] "
+        "bf16 logits vs plain log_softmax(logits.float()).gather; GB/s = the minimum bytes (3 x N x V x 2: the logits "
+        "read by the forward and again by the backward, their bf16 gradient written once; plus 40 bytes a row) / the "
+        "median time; peak: the device's datasheet DRAM bandwidth; extra memory: peak allocated during forward + "
+        "backward above what was allocated before (the gradient included)."
     )
     return "\n".join(lines) + "\n"
 
@@ -512,6 +543,8 @@ def _run_in(work: Path, spec, size: RunSize, report, clock, phase, flush, torch,
     }  # fmt: skip
     if platform.device_type != spec["device"]:
         raise SystemExit(f"check.py: asked for {spec['device']} but the platform is {platform.device_type}")
+    if spec.get("logprob_kernel"):  # first, while nothing else holds GPU memory
+        logprob_kernel_phase(report, phase, flush, torch, cuda, platform)
 
     dtype = torch.bfloat16 if cuda else torch.float32
     with phase("write_model_and_data"):
@@ -960,6 +993,219 @@ def checkpoint_round_trip(trainer, engine, report: dict, phase, torch, cuda: boo
     restored, trainer_state = reload("load_into_fresh_optimizer", fresh_optimizer=True)
     checks["checkpoint_restores_into_fresh_optimizer"] = restored and trainer_state
     shutil.rmtree(trainer.checkpointer.root, ignore_errors=True)
+
+
+# ================================================================================== the log-prob kernel
+# What is timed: forward + backward of the project's kernel (vocab_parallel_logprobs, which is
+# _LogprobEntropyFn chunked by CHUNK_BYTES, over Megatron's tensor-parallel group: a group of one
+# here), of the same with the entropy (vocab_parallel_logprobs_and_entropy, as the trainer's update
+# calls it), and of plain log_softmax(logits.float()).gather, over [N, V] bf16 logits. On the CPU a
+# tiny N and V (the smoke run: seconds).
+LOGPROB_RUNS = {
+    "cuda": {"tokens": (4096, 16384), "vocab": QWEN3_COMMON["vocab_size"], "warmup": 2, "reps": 5},
+    "cpu": {"tokens": (64, 256), "vocab": 2048, "warmup": 1, "reps": 3},
+}
+# Bytes a log-prob forward + backward must move at the least, per token row: the logits read once
+# by the forward and once more by the backward, and their gradient (the logits' dtype) written once,
+# 3 x V x 2 bytes in bf16; plus the row's own terms: its target id (int64) read by the forward and
+# by the backward (16), its log-prob written (4) and upstream gradient read (4), and the two fp32
+# statistics the forward saves for the backward (max and log-normaliser) written and read back (16):
+# LOGPROB_ROW_BYTES = 40, under 0.01% of the total at V = 151,936. Every other byte (fp32
+# temporaries, a chunk re-read by several passes) is traffic over this minimum. The naive version
+# is charged the same bytes (it computes the same outputs), so both GB/s figures compare.
+LOGPROB_ROW_BYTES = 40
+LOGPROB_MIN_BANDWIDTH_RATIO = 0.5  # achieved GB/s at least half the device's peak
+LOGPROB_MAX_TIME_RATIO = 1.0  # no slower than the naive version
+# Agreement with the naive version (both do fp32 math on the same bf16 logits): log-probs differ by
+# fp32 rounding only (~1e-5 at |log p| ~ 12); gradient entries (<= 1 in size) are rounded to bf16
+# by both, so they differ by at most one bf16 ulp (2^-8 just below 1).
+LOGPROB_LOGP_BOUND = 1e-3
+LOGPROB_GRAD_BOUND = 1e-2
+
+
+def logprob_min_bytes(tokens: int, vocab: int, elem_bytes: int = 2) -> int:
+    """The bytes a log-prob forward + backward over [tokens, vocab] logits must move at the least
+    (see LOGPROB_ROW_BYTES)."""
+    return tokens * (3 * vocab * elem_bytes + LOGPROB_ROW_BYTES)
+
+
+def peak_dram(device_name: str) -> tuple[str | None, float | None]:
+    """(table label, peak bytes/s) of a device by its name; (None, None) if not in the table."""
+    for pattern, (label, peak) in PEAK_DRAM_BYTES_PER_S.items():
+        if re.search(pattern, device_name, re.IGNORECASE):
+            return label, peak
+    return None, None
+
+
+def _mib(n: int | None) -> float | None:
+    return None if n is None else round(n / 2**20, 1)
+
+
+def measure_logprob_kernel(lk: dict, torch, cuda: bool, device, tp_group, flush) -> None:
+    """Fills `lk` (the report's "logprob_kernel") size by size: per N a record in lk["sizes"], and
+    the largest N's record also at the top level (the headline). Times are medians of `reps` timed
+    calls (cuda Events around forward + backward), after `warmup` calls; memory: peak allocated
+    during one call above what was allocated before it (logits and targets), the returned
+    gradient included."""
+    from megatron_rlsd.algorithms.vocab_parallel import vocab_parallel_logprobs, vocab_parallel_logprobs_and_entropy
+
+    run = LOGPROB_RUNS["cuda" if cuda else "cpu"]
+    vocab, peak = run["vocab"], lk["peak_bytes_per_s"]
+
+    def kernel(x, t):
+        return (vocab_parallel_logprobs(x, t, tp_group=tp_group),)
+
+    def kernel_with_entropy(x, t):
+        return vocab_parallel_logprobs_and_entropy(x, t, tp_group=tp_group)
+
+    def naive(x, t):
+        return (torch.log_softmax(x.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1),)
+
+    def fwd_bwd(fn, x, t):
+        outs = fn(x, t)
+        (grad,) = torch.autograd.grad(outs, x, grad_outputs=[torch.ones_like(o) for o in outs])
+        return outs[0].detach(), grad
+
+    def with_memory(fn, x, t):
+        """(log-probs, gradient, extra bytes or None on the CPU)"""
+        if not cuda:
+            return (*fwd_bwd(fn, x, t), None)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        logp, grad = fwd_bwd(fn, x, t)
+        torch.cuda.synchronize()
+        return logp, grad, torch.cuda.max_memory_allocated() - base
+
+    def timed(fn, x, t) -> float:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fwd_bwd(fn, x, t)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fwd_bwd(fn, x, t)
+        return time.perf_counter() - t0
+
+    def max_abs_diff(a, b, rows: int = 1024) -> float:  # row blocks: no full-size fp32 copies
+        return max(float((a[i:i + rows].float() - b[i:i + rows].float()).abs().max()) for i in range(0, a.shape[0], rows))
+
+    fns = {"kernel": kernel, "kernel_with_entropy": kernel_with_entropy, "naive": naive}
+    for n in run["tokens"]:
+        gen = torch.Generator(device=device).manual_seed(1234 + n)
+        x = torch.randn(n, vocab, generator=gen, device=device, dtype=torch.bfloat16).mul_(3).requires_grad_()
+        t = torch.randint(0, vocab, (n,), generator=gen, device=device)
+        extra = {}
+        # the first call of each is also its warm-up; the kernel's results are compared with the naive's
+        logp_k, grad_k, extra["kernel"] = with_memory(kernel, x, t)
+        logp_n, grad_n, extra["naive"] = with_memory(naive, x, t)
+        logp_diff, grad_diff = float((logp_k - logp_n).abs().max()), max_abs_diff(grad_k, grad_n)
+        del logp_k, grad_k, logp_n, grad_n
+        extra["kernel_with_entropy"] = with_memory(kernel_with_entropy, x, t)[2]
+        for _ in range(run["warmup"] - 1):
+            for fn in fns.values():
+                fwd_bwd(fn, x, t)
+        times = {name: [] for name in fns}
+        for _ in range(run["reps"]):  # interleaved: the three see the same clocks and temperature
+            for name, fn in fns.items():
+                times[name].append(timed(fn, x, t))
+        del x, t
+        sec = {name: statistics.median(ts) for name, ts in times.items()}
+        nbytes = logprob_min_bytes(n, vocab)
+        rec = {
+            "tokens": n, "vocab": vocab, "bytes": nbytes,
+            "kernel_s": _sig(sec["kernel"]), "naive_s": _sig(sec["naive"]),
+            "kernel_with_entropy_s": _sig(sec["kernel_with_entropy"]),
+            "achieved_gbps": _sig(nbytes / sec["kernel"] / 1e9), "naive_gbps": _sig(nbytes / sec["naive"] / 1e9),
+            "peak_gbps": lk["peak_gbps"],
+            "bandwidth_ratio": _sig(nbytes / sec["kernel"] / peak) if peak else None,
+            "time_ratio": _sig(sec["kernel"] / sec["naive"]),
+            "kernel_with_entropy_time_ratio": _sig(sec["kernel_with_entropy"] / sec["naive"]),
+            "extra_mib": _mib(extra["kernel"]), "naive_extra_mib": _mib(extra["naive"]),
+            "kernel_with_entropy_extra_mib": _mib(extra["kernel_with_entropy"]),
+            "grad_mib": _mib(n * vocab * 2),
+            "max_logp_diff": _sig(logp_diff), "max_grad_diff": _sig(grad_diff),
+            "kernel_times_s": [_sig(s) for s in times["kernel"]], "naive_times_s": [_sig(s) for s in times["naive"]],
+        }  # fmt: skip
+        lk["sizes"].append(rec)
+        lk.update({k: v for k, v in rec.items() if not k.endswith("times_s")})  # the headline: the largest N so far
+        flush()
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def logprob_kernel_phase(report: dict, phase, flush, torch, cuda: bool, platform) -> None:
+    """The log-prob kernel's phase: measured, then checked. An error (out of memory, say) is
+    recorded, its checks fail, and the run goes on to its other phases."""
+    import math
+
+    from megatron.core import parallel_state
+
+    from megatron_rlsd.algorithms.vocab_parallel import CHUNK_BYTES
+
+    run = LOGPROB_RUNS["cuda" if cuda else "cpu"]
+    name = report["environment"]["device_name"]
+    label, peak = peak_dram(name) if cuda else (None, None)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    lk = report["logprob_kernel"] = {
+        "device_name": name, "peak_device": label, "peak_bytes_per_s": peak,
+        "peak_gbps": round(peak / 1e9) if peak else None, "vocab": run["vocab"], "dtype": "bfloat16", "temperature": 1.0,
+        "tp_world_size": torch.distributed.get_world_size(tp_group),
+        "chunk_rows": max(1, CHUNK_BYTES // (4 * run["vocab"])), "warmup": run["warmup"], "reps": run["reps"],
+        "bytes_counted": f"3 x N x V x 2 + {LOGPROB_ROW_BYTES} x N", "sizes": [],
+    }  # fmt: skip
+    device = platform.device(torch.cuda.current_device() if cuda else 0)
+    try:
+        with phase("logprob_kernel"):
+            measure_logprob_kernel(lk, torch, cuda, device, tp_group, flush)
+    except Exception as e:  # recorded: the checks below fail and the run goes on
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        lk["error"] = f"{type(e).__name__}: {e} (at {where.filename}:{where.lineno}, in {where.name})"
+    finally:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    sizes, checks = lk["sizes"], report["checks"]
+    ok = "error" not in lk and len(sizes) == len(run["tokens"])
+    figures = ["kernel_s", "naive_s", "kernel_with_entropy_s", "achieved_gbps", "naive_gbps", "time_ratio"]
+    figures += ["extra_mib", "naive_extra_mib"] if cuda else []
+    checks["logprob_kernel_figures_finite_positive"] = ok and all(
+        isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] > 0 for r in sizes for k in figures)  # fmt: skip
+    checks["logprob_kernel_matches_naive"] = ok and all(
+        r["max_logp_diff"] <= LOGPROB_LOGP_BOUND and r["max_grad_diff"] <= LOGPROB_GRAD_BOUND for r in sizes)  # fmt: skip
+    if cuda:  # the CPU smoke run's times say nothing about a GPU: figures only
+        # performance targets, reported beside the checks: they say how fast, not whether the
+        # trainer's path works, so they do not decide the exit code (benchmarks/run.py gpu does)
+        targets = report.setdefault("targets", {})
+        if peak is not None:
+            targets["logprob_kernel_bandwidth_at_least_half_peak"] = ok and all(
+                r["bandwidth_ratio"] >= LOGPROB_MIN_BANDWIDTH_RATIO for r in sizes)  # fmt: skip
+        targets["logprob_kernel_not_slower_than_naive"] = ok and all(r["time_ratio"] <= LOGPROB_MAX_TIME_RATIO for r in sizes)
+    flush()
+
+
+def logprob_kernel_line(lk: dict) -> str:
+    """One line of gpu_check.txt."""
+
+    def ms(s: float) -> str:
+        return f"{s * 1e3:.3g} ms"
+
+    peak = f"{lk['peak_device']} peak {lk['peak_gbps']} GB/s" if lk.get("peak_gbps") else "device peak unknown"
+    parts = []
+    for r in lk.get("sizes", []):
+        ratio = f" = {r['bandwidth_ratio']:.3g} of peak" if r.get("bandwidth_ratio") is not None else ""
+        mem = (f", extra memory {r['extra_mib']:.0f} MiB vs naive {r['naive_extra_mib']:.0f} MiB"
+               if r.get("extra_mib") is not None else "")  # fmt: skip
+        parts.append(f"N {r['tokens']}: kernel {ms(r['kernel_s'])}, {r['achieved_gbps']:.4g} GB/s{ratio}; naive "
+                     f"{ms(r['naive_s'])} ({r['naive_gbps']:.4g} GB/s), kernel/naive {r['time_ratio']:.3f}; "
+                     f"kernel with entropy (the update's call) {ms(r['kernel_with_entropy_s'])}{mem}")  # fmt: skip
+    line = (f"log-prob kernel (fwd+bwd, {lk.get('dtype')}, vocab {lk.get('vocab', '?')}, {peak}): "
+            + ("; ".join(parts) or "no size measured"))  # fmt: skip
+    if lk.get("error"):
+        line += f"; ERROR: {lk['error']}"
+    return line
 
 
 # ================================================================================== entry

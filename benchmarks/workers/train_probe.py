@@ -9,10 +9,13 @@ probes added, none of which changes what a step computes or how its stages are t
   barriers, in alternating order: `probe_teacher_s`, `probe_student_s`;
 * every rank's stage times: `probe_rank_times` (rank 0's are the `time_<stage>` metrics; a rank
   that finishes its rollouts early waits in the next stage's collective);
-* every rollout's engine.generate call (prompts, seeds, sampling) is recorded; after training the
-  recorded calls of steps 3.. are replayed on the same engines with nothing else running (no
-  training, no sync between them; prefix cache reset before each, as a fresh engine would start):
-  the engine alone. Rank 0 writes {"alone_s", "alone_tokens", "steps"} to ALONE_JSON.
+* the engine alone: from step 3 on, the step's engine.generate calls (prompts, seeds, sampling)
+  are replayed on the same engine right after the rollout stage, between barriers, with nothing
+  else running (no training, no sync; prefix cache reset first, as after a sync), so that the
+  colocated and the alone figures are taken under the same machine load, step by step. The
+  replay runs outside every stage timer, before the sync, and its results are dropped: the step
+  computes what it would without it.
+  Rank 0 writes {"alone_s", "alone_tokens", "steps", "per_step_s"} to ALONE_JSON at the end.
 
     torchrun --nproc-per-node 4 benchmarks/workers/train_probe.py ALONE_JSON [--alternate] --config CFG [overrides]
 """
@@ -32,7 +35,7 @@ import torch.distributed as dist  # noqa: E402
 from megatron_rlsd import train as train_main  # noqa: E402
 from megatron_rlsd import trainer as trainer_module  # noqa: E402
 
-CALLS: list[tuple[int, tuple, dict]] = []
+ALONE = {"s": 0.0, "tokens": 0, "steps": 0, "per_step_s": []}  # the replays, this rank
 WARMUP_STEPS = 2  # steps 1-2 (one of each mode when alternating) pay one-time costs
 
 
@@ -63,6 +66,8 @@ def install_probes(alternate: bool) -> None:
         return original_teacher(self, batch)
 
     def learn_from(self, samples, mine, t=None):
+        if self.step >= WARMUP_STEPS:
+            replay_alone(self)  # outside every stage timer, before the sync changes the weights
         metrics = original_learn(self, samples, mine, t)
         extra = {"probe_mode": self.mode.name}
         if self.mode.teacher_pass:
@@ -82,10 +87,11 @@ def install_probes(alternate: bool) -> None:
             generate = engine.generate
 
             def recording(prompts, seeds, **kw):
-                CALLS.append((self.step, (list(prompts), list(seeds)), kw))
+                self._probe_calls.append((list(prompts), list(seeds), kw))
                 return generate(prompts, seeds, **kw)
 
             engine.generate, engine._probe_wrapped, engine._probe_generate = recording, True, generate
+        self._probe_calls = []
         return original_rollouts(self, rows)
 
     Trainer.train_step, Trainer.score_teacher = train_step, score_teacher
@@ -94,34 +100,38 @@ def install_probes(alternate: bool) -> None:
     original_close = Trainer.close
 
     def close(self):
+        write_alone(self)
         original_close(self)
-        replay_alone(self)
 
     Trainer.close = close
 
 
 def replay_alone(trainer) -> None:
-    """The recorded rollouts of steps 3.. again, on the engines alone."""
+    """This step's generate calls again, on the engine alone (see the module docstring)."""
     engine = trainer.c.engine
-    generate = getattr(engine, "_probe_generate", None)
-    calls = [c for c in CALLS if c[0] >= WARMUP_STEPS]
-    if generate is None or not calls:
-        return
-    engine._asleep = False  # CPU: sleep() only flags the engine; nothing was released
-    tokens, elapsed = 0, 0.0
-    for _, (prompts, seeds), kw in calls:
+    asleep, engine._asleep = engine._asleep, False  # CPU: sleep() only flags the engine
+    s0 = ALONE["s"]
+    for prompts, seeds, kw in trainer._probe_calls:
         engine.llm.reset_prefix_cache()
         dist.barrier()
         t0 = time.perf_counter()
-        gens = generate(prompts, seeds, **kw)
+        gens = engine._probe_generate(prompts, seeds, **kw)
         dist.barrier()
-        elapsed += time.perf_counter() - t0
-        tokens += sum(len(g.response_ids) for g in gens)
+        ALONE["s"] += time.perf_counter() - t0
+        ALONE["tokens"] += sum(len(g.response_ids) for g in gens)
+    ALONE["steps"] += 1
+    ALONE["per_step_s"].append(ALONE["s"] - s0)
+    engine._asleep = asleep
+
+
+def write_alone(trainer) -> None:
+    """Every engine's replayed tokens and the slowest rank's replay time, on rank 0."""
     per_engine = trainer.cfg.rollout.vllm_tensor_parallel_size
     counts = [None] * dist.get_world_size()
-    dist.all_gather_object(counts, tokens if dist.get_rank() % per_engine == 0 else 0)
-    if dist.get_rank() == 0:
-        Path(ALONE_JSON).write_text(json.dumps({"alone_s": elapsed, "alone_tokens": sum(counts), "steps": len(calls)}))
+    dist.all_gather_object(counts, ALONE["tokens"] if dist.get_rank() % per_engine == 0 else 0)
+    if dist.get_rank() == 0 and ALONE["steps"]:
+        Path(ALONE_JSON).write_text(json.dumps({"alone_s": ALONE["s"], "alone_tokens": sum(counts), "steps": ALONE["steps"],
+                                                "per_step_s": ALONE["per_step_s"]}))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@ bucket size, vs a plain memcpy of the same bytes on every rank at once.
     torchrun --nproc-per-node 4 benchmarks/workers/weight_sync.py HF_DIR OUT.json BUCKETS_MB [REPEATS]
 
 Per bucket size: the best of REPEATS syncs (and of REPEATS runs of the bucket producer alone, its
-buckets dropped: what the engine's reload adds is the difference) (wall time, barrier to barrier, slowest rank), the bytes
-each engine received, and the peak extra resident memory of the sync (VmHWM after a reset, minus
-the resident set before it; max over ranks), next to the largest bucket and the largest layer
-group of full tensors.
+buckets dropped: what the engine's reload adds is the difference) (wall time, barrier to barrier,
+slowest rank), the bytes each engine received, and the peak extra resident memory of the sync and
+of the producer alone (VmHWM after a reset, minus the resident set before it; max over ranks),
+next to the largest bucket (the memory its tensors live in) and the largest layer group of full
+tensors.
 """
 
 import json
@@ -34,7 +35,8 @@ def timed_sync(model, shape, engine, bucket_mb):
 
     def counting(buckets):
         for b in buckets:
-            nbytes = sum(t.numel() * t.element_size() for _, t in b)
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in b}
+            nbytes = sum(storages.values())  # memory, not names: a tied lm_head is the embedding
             stats["bytes"] += nbytes
             stats["largest_bucket"] = max(stats["largest_bucket"], nbytes)
             stats["buckets"] += 1
@@ -51,14 +53,17 @@ def timed_sync(model, shape, engine, bucket_mb):
     return stats
 
 
-def timed_export(model, shape, bucket_mb) -> float:
-    """The bucket producer alone (gather, broadcast, HF renaming), its buckets dropped."""
+def timed_export(model, shape, bucket_mb) -> tuple[float, int]:
+    """The bucket producer alone (gather, broadcast, HF renaming), its buckets dropped: (wall
+    time, peak extra resident memory)."""
     dist.barrier()
+    before = proc_status()["VmRSS"]
+    reset_peak_rss()
     t0 = time.perf_counter()
     for bucket in iter_hf_buckets(model, shape, bucket_mb << 20):
         del bucket
     dist.barrier()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, proc_status()["VmHWM"] - before
 
 
 def timed_memcpy(nbytes: int) -> float:
@@ -95,9 +100,9 @@ def main(hf_dir, out, buckets_mb, repeats):
         runs = [timed_sync(model, shape, engine, mb) for _ in range(repeats)]
         best = min(runs, key=lambda r: r["seconds"])
         memcpy = min(timed_memcpy(best["bytes"]) for _ in range(repeats))
-        export = min(timed_export(model, shape, mb) for _ in range(repeats))
-        rec = best | {"bucket_mb": mb, "memcpy_seconds": memcpy, "export_seconds": export,
-                      "extra_peak": max(r["extra_peak"] for r in runs)}  # fmt: skip
+        exports = [timed_export(model, shape, mb) for _ in range(repeats)]
+        rec = best | {"bucket_mb": mb, "memcpy_seconds": memcpy, "export_seconds": min(e[0] for e in exports),
+                      "export_peak": max(e[1] for e in exports), "extra_peak": max(r["extra_peak"] for r in runs)}  # fmt: skip
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rec)
         results.append({
@@ -108,6 +113,7 @@ def main(hf_dir, out, buckets_mb, repeats):
             "memcpy_seconds": max(g["memcpy_seconds"] for g in gathered),
             "export_seconds": max(g["export_seconds"] for g in gathered),
             "extra_peak": max(g["extra_peak"] for g in gathered),
+            "export_peak": max(g["export_peak"] for g in gathered),
             "largest_bucket": max(g["largest_bucket"] for g in gathered),
         })  # fmt: skip
     largest = [None] * dist.get_world_size()

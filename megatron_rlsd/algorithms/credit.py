@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from megatron_rlsd.algorithms.rlsd import _check_inputs, _check_real, _signed_log_weight
+from megatron_rlsd.algorithms.rlsd import _check_inputs, _check_real, _clip_shares, _signed_log_weight
 
 __all__ = [
     "AntiSDGate", "antisd_phi", "antisd_token_advantages", "egrsd_gate", "egrsd_token_advantages", "rlrt_clip_fractions",
@@ -70,13 +70,10 @@ def rlrt_clip_fractions(seq_adv, student_logp, teacher_logp, correct, mask, eps_
     """Shares of valid tokens (``mask``) whose reversed weight was clipped low / high; only tokens
     of correct rollouts are reweighted, so only they can count."""
     with torch.no_grad():
-        r = -_signed_log_weight(seq_adv, student_logp, teacher_logp)
+        reweighted = correct.bool().unsqueeze(1)
+        low, high = _clip_shares(-_signed_log_weight(seq_adv, student_logp, teacher_logp), mask, reweighted, eps_w)
         valid = mask.bool()
-        n = valid.sum().clamp(min=1).to(torch.float32)
-        reweighted = valid & correct.bool().unsqueeze(1)
-        low = ((r < math.log1p(-eps_w)) & reweighted).sum() / n if eps_w < 1 else r.new_zeros(())
-        high = ((r > math.log1p(eps_w)) & reweighted).sum() / n
-        return low.float(), high.float(), (reweighted.sum() / n).float()
+        return low, high, ((valid & reweighted).sum() / valid.sum().clamp(min=1)).float()
 
 
 def antisd_phi(u: torch.Tensor) -> torch.Tensor:

@@ -142,13 +142,20 @@ def rlsd_clip_fractions(
     eps_w = _check_real("eps_w", eps_w, 0.0, 1.0, True, True)
     with torch.no_grad():
         s = _signed_log_weight(seq_adv, student_logp, teacher_logp)
-        valid = mask.bool()
-        n = valid.sum().clamp(min=1).to(torch.float32)
-        if negative_only:
-            valid = valid & (seq_adv.detach().unsqueeze(1) < 0)
-        low = ((s < math.log1p(-eps_w)) & valid).sum().to(torch.float32) / n
-        high = ((s > math.log1p(eps_w)) & valid).sum().to(torch.float32) / n
-        return low, high
+        reweighted = seq_adv.detach().unsqueeze(1) < 0 if negative_only else torch.ones_like(mask, dtype=torch.bool)
+        return _clip_shares(s, mask, reweighted, eps_w)
+
+
+def _clip_shares(log_w: torch.Tensor, mask: torch.Tensor, reweighted: torch.Tensor, eps_w: float):
+    """``(low, high)``: shares of the valid tokens (``mask``) that are ``reweighted`` and whose
+    weight ``exp(log_w)`` the clip to ``[1 - eps_w, 1 + eps_w]`` changed (nothing is below 0 when
+    ``eps_w`` is 1). fp32 scalars, 0 when no token is valid."""
+    valid = mask.bool()
+    n = valid.sum().clamp(min=1).to(torch.float32)
+    counted = valid & reweighted
+    low = ((log_w < math.log1p(-eps_w)) & counted).sum() / n if eps_w < 1 else log_w.new_zeros((), dtype=torch.float32)
+    high = ((log_w > math.log1p(eps_w)) & counted).sum() / n
+    return low.to(torch.float32), high.to(torch.float32)
 
 
 @dataclass(frozen=True)

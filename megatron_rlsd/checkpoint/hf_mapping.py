@@ -206,6 +206,53 @@ class ModelMapping:
             return list(zip(names, torch.chunk(tensor, 2, dim=0)))
         return [(names[0], tensor)]
 
+    def hf_shapes(self, canonical: str, full_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        """The HF tensors one full canonical tensor of `full_shape` becomes, as (name, shape), in
+        `to_hf`'s order: what a buffer must hold to receive them."""
+        rule, names = self.rule(canonical), self.hf_sources(canonical)
+        rows, rest = full_shape[0], tuple(full_shape[1:])
+        if rule.kind == QKV:
+            d, per_group = rule.layout.head_dim, (rule.layout.q_per_group + 2) * rule.layout.head_dim
+            groups = rows // per_group
+            return list(zip(names, [(groups * rule.layout.q_per_group * d, *rest), (groups * d, *rest), (groups * d, *rest)]))
+        if rule.kind == GATE_UP:
+            return [(n, (rows // 2, *rest)) for n in names]
+        return [(names[0], tuple(full_shape))]
+
+    def write_shard(self, canonical: str, shard: torch.Tensor, tp_rank: int, tp_size: int, hf: list[torch.Tensor]) -> None:
+        """Copy TP rank `tp_rank`'s shard of a canonical tensor into its places in the full HF
+        tensors `hf` (`hf_shapes`' order; e.g. views of one flat buffer). Together, the shards of
+        all ranks write `to_hf(full)`; with tp_size 1 the shard is the full tensor. No temporaries:
+        each piece is copied from a view of the shard into a view of its destination."""
+        rule = self.rule(canonical)
+        if tp_size == 1 or rule.tp_dim is None:
+            tp_rank, tp_size = 0, 1
+
+        def mine(t: torch.Tensor, dim: int = 0) -> torch.Tensor:  # this rank's slice of a full tensor
+            return t.chunk(tp_size, dim=dim)[tp_rank] if tp_size > 1 else t
+
+        if rule.kind in (QKV, PACKED_QKV):
+            lay, rest = rule.layout, tuple(shard.shape[1:])
+            d, qd = lay.head_dim, lay.q_per_group * lay.head_dim
+            grouped = shard.view(-1, qd + 2 * d, *rest)  # whole query groups on each rank
+            q, k, v = hf if rule.kind == QKV else hf[0].chunk(3, dim=0)
+            for dst, src in ((q, grouped[:, :qd]), (k, grouped[:, qd : qd + d]), (v, grouped[:, qd + d :])):
+                mine(dst.view(-1, src.shape[1], *rest)).copy_(src)
+        elif rule.kind == GATE_UP:
+            for dst, src in zip(hf, shard.chunk(2, dim=0)):  # [gate_r; up_r]
+                mine(dst).copy_(src)
+        else:
+            mine(hf[0], rule.tp_dim or 0).copy_(shard)
+
+    def shard_place(self, canonical: str, tp_rank: int, tp_size: int, hf: list[torch.Tensor]) -> torch.Tensor | None:
+        """Where `write_shard` would put rank `tp_rank`'s shard when that is one contiguous region
+        of `hf` (a plain tensor split along dim 0): a shard can be received straight into it. None
+        when the shard lands in pieces."""
+        rule = self.rule(canonical)
+        if rule.kind != DIRECT or rule.tp_dim != 0:
+            return None
+        return hf[0].chunk(tp_size, dim=0)[tp_rank] if tp_size > 1 else hf[0]
+
     def tp_shard(self, full: torch.Tensor, canonical: str, tp_rank: int, tp_size: int) -> torch.Tensor:
         """This TP rank's slice of a full canonical tensor (inverse of gathering the shards)."""
         dim = self.tp_dim(canonical)

@@ -283,6 +283,15 @@ class MathVerifier:
         pool.stop()
         pool.join()
 
+    def start(self) -> None:
+        """Start the workers now and return at once: they import and warm up math-verify (a few
+        seconds of CPU each) while the caller loads its model and engine, not in the first
+        rewards. Does nothing if math-verify is unavailable."""
+        self._after_fork_check()
+        pool = self._live_pool()
+        if pool is not None:  # pebble spawns its workers with the first task
+            pool.schedule(math_verify_worker.check, (_latex_wrap("1"), _latex_wrap("1"), self.start_timeout_s))
+
     def warmup(self) -> bool:
         """Start the workers and wait until one answers; False if math-verify is unavailable."""
         self._after_fork_check()

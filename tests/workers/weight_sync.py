@@ -41,32 +41,36 @@ def megatron_logprobs(model, seqs):
 
 
 def sync(model, shape, engine, bucket_mb, held=None):
-    """One update_weights; returns how many buckets it consumed. `held`: a list that receives, for
-    every bucket, the bytes of full tensors this rank gathered for it (since the previous bucket
-    was handed over): what a sync holds beyond the model's own shards."""
+    """One update_weights; returns how many buckets it consumed. `held`: a list that receives, at
+    every handover, (bytes the sync has allocated and not handed over, counting this bucket as
+    handed; the bytes of the distinct buffers this bucket's tensors live in), then a last entry
+    (bytes allocated and never handed over, 0): what a sync holds beyond what vLLM is given."""
     from megatron_rlsd.rollout import weight_sync
 
-    counted, gathered = [0], [0]
-    original = weight_sync._gather_tp
+    counted, allocated, handed = [0], [0], [0]
+    original = weight_sync._empty
 
-    def counting_gather(param, canonical, mapping, tp_group):
-        full = original(param, canonical, mapping, tp_group)
-        gathered[0] += full.numel() * full.element_size()
-        return full
+    def counting_empty(numel, dtype, device):
+        t = original(numel, dtype, device)
+        allocated[0] += t.numel() * t.element_size()
+        return t
 
     def counting(buckets):
         for b in buckets:
             counted[0] += 1
-            if held is not None:  # (gathered for this bucket and the next layer, this bucket's bytes)
-                held.append((gathered[0], sum(t.numel() * t.element_size() for _, t in b)))
-            gathered[0] = 0
+            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for _, t in b}
+            handed[0] += sum(storages.values())
+            if held is not None:
+                held.append((allocated[0] - handed[0], sum(storages.values())))
             yield b
+        if held is not None:
+            held.append((allocated[0] - handed[0], 0))
 
-    weight_sync._gather_tp = counting_gather
+    weight_sync._empty = counting_empty
     try:
         engine.update_weights(counting(iter_hf_buckets(model, shape, bucket_mb << 20)))
     finally:
-        weight_sync._gather_tp = original
+        weight_sync._empty = original
     return counted[0]
 
 
@@ -92,14 +96,9 @@ def main(ckpt_root, report_path, vllm_log):
     before = torch.tensor(engine.score(seqs.tolist()))
     held = []
     report["buckets"] = sync(model, shape, engine, bucket_mb=0, held=held)  # 0 MB: one layer per bucket
-    layers = {}  # full bytes of each layer group of this rank's stage (the largest bounds a sync)
-    from megatron_rlsd.checkpoint.hf_mapping import layer_group_key
-
-    for name, prm in model.named_parameters():
-        layers[layer_group_key(name)] = layers.get(layer_group_key(name), 0) + prm.numel() * prm.element_size() * 2
+    shard = max(p.numel() * p.element_size() for p in model.parameters())  # bounds the scratch buffer
     held_all = [None] * dist.get_world_size()
-    dist.all_gather_object(held_all, {"max_held": max(g for g, _ in held), "largest_bucket": max(b for _, b in held),
-                                      "largest_layer": max(layers.values()), "stage_bytes": sum(layers.values())})  # fmt: skip
+    dist.all_gather_object(held_all, {"held": held, "largest_shard": shard})
     report["sync_memory_per_rank"] = held_all
     ref = megatron_logprobs(model, seqs)
     after = torch.tensor(engine.score(seqs.tolist()))
