@@ -465,12 +465,13 @@ def micro_batch(cfg, multimodal: bool) -> MicroBatch:
     return MicroBatch(tokens, seq, logit_rows, min(images, tokens), min(prompt, images))
 
 
-def _chunk_temps(rows: int, vocab_local: float, chunks: int, tp: int) -> float:
+def _chunk_temps(rows: int, vocab: int, tp: int, chunks: int) -> float:
     """`chunks` fp32 temporaries of one chunk of the vocab-parallel kernels on one rank: a chunk
-    holds CHUNK_BYTES of full-vocabulary rows, split over the TP ranks."""
+    holds CHUNK_BYTES of full-vocabulary rows (fewer if there are fewer rows), split over the TP
+    ranks."""
     from megatron_rlsd.algorithms.vocab_parallel import CHUNK_BYTES
 
-    return chunks * min(CHUNK_BYTES / tp, rows * vocab_local * 4)
+    return chunks * min(CHUNK_BYTES, rows * vocab * 4) / tp
 
 
 def plan(cfg, world_size: int, gpu_memory_bytes: int, hf_config: dict, *, kernels: Kernels | None = None,
@@ -590,7 +591,7 @@ class _Planner:
         if last:
             logits = mb.logit_rows * model.vocab / tp * e
             terms.append(Term(f"logits of the response positions ({_DTYPE_NAMES[e]}, R x V/TP)", logits))
-            terms.append(Term("log-prob kernel's fp32 chunks", _chunk_temps(mb.logit_rows, model.vocab / tp, 2, tp)))
+            terms.append(Term("log-prob kernel's fp32 chunks", _chunk_temps(mb.logit_rows, model.vocab, tp, 2)))
             if self.mode.teacher_logits:
                 terms.append(Term("teacher distribution of one micro-batch (R x V/TP)", logits))
         return Phase("scoring", terms)
@@ -642,7 +643,7 @@ def update_activations(model: Model, split: Split, kernels: Kernels, act_bytes: 
         stored.append(Term("final norm and output layer inputs", inputs))
         vocab_local = model.vocab / split.tp
         logits = mb.logit_rows * vocab_local * act_bytes
-        chunks = _chunk_temps(mb.logit_rows, vocab_local, 4 if teacher_logits else 2, split.tp)
+        chunks = _chunk_temps(mb.logit_rows, model.vocab, split.tp, 4 if teacher_logits else 2)
         out_grad = vocab_local * model.decoder.hidden * act_bytes  # once the logits are freed
         loss = [Term(f"logits of the response positions ({dtype}, R x V/TP)", logits), Term("their gradient", logits),
                 Term("loss kernels' fp32 chunks, or then the output layer's weight gradient",
